@@ -1,0 +1,1 @@
+"""Routing: destinations (DICOM nodes, folders) and the delivery queue."""

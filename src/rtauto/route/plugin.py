@@ -1,0 +1,1 @@
+"""Built-in routing steps and destination types (filled in by the routing module)."""

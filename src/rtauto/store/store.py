@@ -1,0 +1,487 @@
+"""The job store: every state change of ingest, jobs, steps and deliveries goes through here.
+
+SQLite in WAL mode is the embedded default (one file under the daemon's home, shared by its
+processes); a PostgreSQL URL lets several nodes share one store. The schema is created and
+upgraded by alembic migrations when the store is opened with ``migrate=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from rtauto.errors import StoreError
+from rtauto.store.models import (
+    ArtifactRow,
+    AuditEvent,
+    Delivery,
+    Instance,
+    Job,
+    Series,
+    StepRun,
+    Study,
+)
+
+__all__ = ["InstanceRecord", "Store", "TERMINAL_STEP_STATES"]
+
+TERMINAL_STEP_STATES = frozenset({"ok", "fail", "skipped"})
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One instance safely on disk in the spool, as ingest reports it to the store."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    patient_id: str
+    modality: str
+    transfer_syntax: str
+    path: str  # relative to the spool folder
+    size: int
+    source: str  # scp | folder | run
+    calling_ae: str = ""
+    called_ae: str = ""
+    # series-level attributes workflows may trigger on (SeriesDescription, BodyPartExamined...)
+    attributes: dict[str, Any] = field(default_factory=dict)
+    received_at: float = field(default_factory=time.time)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # NORMAL is durable across process crashes in WAL mode; the spool file (fsynced) is the
+    # record of an acknowledged instance, the index row can be rebuilt from it.
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, pool_pre_ping=True
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def run_migrations(url: str) -> None:
+    """Bring the schema at ``url`` to the newest revision."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    try:
+        command.upgrade(cfg, "head")
+    except OperationalError as exc:
+        raise StoreError(f"cannot migrate the job store at {url}: {exc}") from exc
+
+
+class Store:
+    """A handle on the job store; one per process (it holds a connection pool)."""
+
+    def __init__(self, url: str, *, migrate: bool = False):
+        self.url = url
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if migrate:
+            run_migrations(url)
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: committed on success, rolled back on error."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    # -- ingest --------------------------------------------------------------------------------
+    def record_instance(self, rec: InstanceRecord) -> bool:
+        """Index an instance already durable in the spool. Returns False for a re-sent one."""
+        for attempt in range(5):
+            try:
+                return self._record_instance(rec)
+            except IntegrityError:
+                # two processes created the same study/series row at once: try again
+                if attempt == 4:
+                    raise
+        return False
+
+    def _record_instance(self, rec: InstanceRecord) -> bool:
+        with self.session() as s:
+            if s.get(Instance, rec.sop_instance_uid) is not None:
+                return False
+            now = rec.received_at
+            study = s.get(Study, rec.study_instance_uid)
+            if study is None:
+                s.add(
+                    Study(
+                        study_uid=rec.study_instance_uid,
+                        patient_id=rec.patient_id,
+                        first_received=now,
+                        last_received=now,
+                    )
+                )
+            else:
+                study.last_received = max(study.last_received, now)
+            series = s.get(Series, rec.series_instance_uid)
+            if series is None:
+                s.add(
+                    Series(
+                        series_uid=rec.series_instance_uid,
+                        study_uid=rec.study_instance_uid,
+                        patient_id=rec.patient_id,
+                        modality=rec.modality,
+                        source=rec.source,
+                        calling_ae=rec.calling_ae,
+                        called_ae=rec.called_ae,
+                        attributes=rec.attributes,
+                        instance_count=1,
+                        first_received=now,
+                        last_received=now,
+                    )
+                )
+            else:
+                series.instance_count += 1
+                series.last_received = max(series.last_received, now)
+            s.add(
+                Instance(
+                    sop_uid=rec.sop_instance_uid,
+                    sop_class_uid=rec.sop_class_uid,
+                    series_uid=rec.series_instance_uid,
+                    study_uid=rec.study_instance_uid,
+                    transfer_syntax=rec.transfer_syntax,
+                    path=rec.path,
+                    size=rec.size,
+                    received_at=now,
+                    source=rec.source,
+                    calling_ae=rec.calling_ae,
+                )
+            )
+        return True
+
+    def has_instance(self, sop_uid: str) -> bool:
+        with self.session() as s:
+            return s.get(Instance, sop_uid) is not None
+
+    def instance_paths(self) -> set[str]:
+        with self.session() as s:
+            return set(s.scalars(select(Instance.path)))
+
+    def pending_series(self) -> list[Series]:
+        with self.session() as s:
+            return list(s.scalars(select(Series).where(Series.completed_at.is_(None))))
+
+    def pending_studies(self) -> list[Study]:
+        with self.session() as s:
+            return list(s.scalars(select(Study).where(Study.completed_at.is_(None))))
+
+    def series_of_study(self, study_uid: str) -> list[Series]:
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(Series).where(Series.study_uid == study_uid).order_by(Series.first_received)
+                )
+            )
+
+    def get_series(self, series_uid: str) -> Series | None:
+        with self.session() as s:
+            return s.get(Series, series_uid)
+
+    def get_study(self, study_uid: str) -> Study | None:
+        with self.session() as s:
+            return s.get(Study, study_uid)
+
+    def instances_of_series(self, series_uid: str) -> list[Instance]:
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(Instance)
+                    .where(Instance.series_uid == series_uid)
+                    .order_by(Instance.received_at, Instance.sop_uid)
+                )
+            )
+
+    def series_of_patient(self, patient_id: str, modality: str | None = None) -> list[Series]:
+        """Every series of a patient (newest first), for steps that look up earlier images."""
+        with self.session() as s:
+            q = select(Series).where(Series.patient_id == patient_id)
+            if modality:
+                q = q.where(Series.modality == modality)
+            return list(s.scalars(q.order_by(Series.last_received.desc())))
+
+    def mark_series_complete(self, series_uid: str, when: float | None = None) -> None:
+        with self.session() as s:
+            s.execute(
+                update(Series)
+                .where(Series.series_uid == series_uid)
+                .values(completed_at=when or time.time())
+            )
+
+    def mark_study_complete(self, study_uid: str, when: float | None = None) -> None:
+        with self.session() as s:
+            s.execute(
+                update(Study).where(Study.study_uid == study_uid).values(completed_at=when or time.time())
+            )
+
+    def counts(self) -> dict[str, int]:
+        with self.session() as s:
+            return {
+                "instances": s.scalar(select(func.count()).select_from(Instance)) or 0,
+                "series": s.scalar(select(func.count()).select_from(Series)) or 0,
+                "studies": s.scalar(select(func.count()).select_from(Study)) or 0,
+                "jobs": s.scalar(select(func.count()).select_from(Job)) or 0,
+            }
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def create_job(
+        self,
+        *,
+        dedupe_key: str,
+        workflow_name: str,
+        workflow_hash: str,
+        workflow_text: str,
+        workflow_path: str,
+        scope: str,
+        study_uid: str,
+        series_uid: str | None,
+        input_series: Sequence[str],
+        step_ids: Sequence[tuple[str, str]],
+        jobs_dir: Path,
+    ) -> Job | None:
+        """Create a job with its steps pending; None when this job already exists."""
+        job_id = uuid.uuid4().hex
+        now = time.time()
+        try:
+            with self.session() as s:
+                if s.scalar(select(Job.id).where(Job.dedupe_key == dedupe_key)) is not None:
+                    return None
+                job = Job(
+                    id=job_id,
+                    dedupe_key=dedupe_key,
+                    workflow_name=workflow_name,
+                    workflow_hash=workflow_hash,
+                    workflow_text=workflow_text,
+                    workflow_path=workflow_path,
+                    scope=scope,
+                    study_uid=study_uid,
+                    series_uid=series_uid,
+                    input_series=list(input_series),
+                    status="pending",
+                    work_dir=str(jobs_dir / job_id),
+                    created_at=now,
+                )
+                s.add(job)
+                for step_id, uses in step_ids:
+                    s.add(StepRun(job_id=job_id, step_id=step_id, uses=uses, status="pending"))
+                s.add(
+                    AuditEvent(
+                        ts=datetime.now(UTC),
+                        kind="job.created",
+                        subject=job_id,
+                        message=f"workflow {workflow_name} on {scope} "
+                        f"{series_uid or study_uid}",
+                        data={"workflow_hash": workflow_hash},
+                    )
+                )
+            return job
+        except IntegrityError:
+            return None  # created concurrently by another process
+
+    def get_job(self, job_id: str) -> Job | None:
+        with self.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                # accept a unique prefix, as users type them
+                matches = list(s.scalars(select(Job).where(Job.id.like(f"{job_id}%")).limit(2)))
+                job = matches[0] if len(matches) == 1 else None
+            return job
+
+    def list_jobs(self, status: Iterable[str] | None = None, limit: int = 200) -> list[Job]:
+        with self.session() as s:
+            q = select(Job)
+            if status is not None:
+                q = q.where(Job.status.in_(list(status)))
+            return list(s.scalars(q.order_by(Job.created_at.desc()).limit(limit)))
+
+    def unfinished_jobs(self) -> list[Job]:
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(Job).where(Job.status.in_(["pending", "running"])).order_by(Job.created_at)
+                )
+            )
+
+    def set_job_status(self, job_id: str, status: str, error: str | None = None) -> None:
+        now = time.time()
+        values: dict[str, Any] = {"status": status}
+        if status == "running":
+            values["started_at"] = now
+        if status in ("ok", "fail"):
+            values["finished_at"] = now
+            values["error"] = error
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(**values))
+            s.add(
+                AuditEvent(
+                    ts=datetime.now(UTC), kind=f"job.{status}", subject=job_id, message=error or ""
+                )
+            )
+
+    def steps_of(self, job_id: str) -> list[StepRun]:
+        with self.session() as s:
+            return list(s.scalars(select(StepRun).where(StepRun.job_id == job_id)))
+
+    def update_step(self, job_id: str, step_id: str, **values: Any) -> None:
+        with self.session() as s:
+            s.execute(
+                update(StepRun)
+                .where(StepRun.job_id == job_id, StepRun.step_id == step_id)
+                .values(**values)
+            )
+
+    def finish_step(
+        self,
+        job_id: str,
+        step_id: str,
+        *,
+        status: str,
+        outputs: dict[str, Any] | None = None,
+        summary: str = "",
+        error: str | None = None,
+        artifacts: Sequence[dict[str, Any]] = (),
+        plugin: str = "",
+        plugin_version: str = "",
+    ) -> None:
+        """Record a step's end and its artifacts in one transaction."""
+        now = time.time()
+        with self.session() as s:
+            # a re-run after a crash replaces what an unfinished attempt may have recorded
+            s.execute(
+                ArtifactRow.__table__.delete().where(
+                    ArtifactRow.job_id == job_id, ArtifactRow.step_id == step_id
+                )
+            )
+            for a in artifacts:
+                s.add(
+                    ArtifactRow(
+                        job_id=job_id,
+                        step_id=step_id,
+                        path=str(a["path"]),
+                        kind=a["kind"],
+                        modality=a.get("modality"),
+                        sop_instance_uid=a.get("sop_instance_uid"),
+                        sha256=a.get("sha256", ""),
+                        description=a.get("description", ""),
+                        provenance=a.get("provenance") or {},
+                        created_at=now,
+                    )
+                )
+            s.execute(
+                update(StepRun)
+                .where(StepRun.job_id == job_id, StepRun.step_id == step_id)
+                .values(
+                    status=status,
+                    outputs=json.loads(json.dumps(outputs or {}, default=str)),
+                    summary=summary,
+                    error=error,
+                    plugin=plugin,
+                    plugin_version=plugin_version,
+                    finished_at=now,
+                    next_attempt_at=None,
+                )
+            )
+
+    def artifacts_of(self, job_id: str, step_id: str | None = None) -> list[ArtifactRow]:
+        with self.session() as s:
+            q = select(ArtifactRow).where(ArtifactRow.job_id == job_id)
+            if step_id is not None:
+                q = q.where(ArtifactRow.step_id == step_id)
+            return list(s.scalars(q.order_by(ArtifactRow.id)))
+
+    # -- deliveries ----------------------------------------------------------------------------
+    def delivery(
+        self, job_id: str, step_id: str, item_key: str, path: str, destination: str
+    ) -> Delivery:
+        """The delivery record for this item and destination, created pending if new."""
+        now = time.time()
+        with self.session() as s:
+            row = s.scalar(
+                select(Delivery).where(
+                    Delivery.job_id == job_id,
+                    Delivery.step_id == step_id,
+                    Delivery.item_key == item_key,
+                    Delivery.destination == destination,
+                )
+            )
+            if row is None:
+                row = Delivery(
+                    job_id=job_id,
+                    step_id=step_id,
+                    item_key=item_key,
+                    path=path,
+                    destination=destination,
+                    status="pending",
+                    attempts=0,
+                    updated_at=now,
+                )
+                s.add(row)
+                s.flush()
+            return row
+
+    def update_delivery(self, delivery_id: int, **values: Any) -> None:
+        values.setdefault("updated_at", time.time())
+        with self.session() as s:
+            s.execute(update(Delivery).where(Delivery.id == delivery_id).values(**values))
+
+    def deliveries_of(self, job_id: str) -> list[Delivery]:
+        with self.session() as s:
+            return list(
+                s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id))
+            )
+
+    def dead_letters(self) -> list[Delivery]:
+        with self.session() as s:
+            return list(s.scalars(select(Delivery).where(Delivery.status == "dead")))
+
+    # -- audit ---------------------------------------------------------------------------------
+    def audit(self, kind: str, subject: str = "", message: str = "", **data: Any) -> None:
+        with self.session() as s:
+            s.add(
+                AuditEvent(
+                    ts=datetime.now(UTC),
+                    kind=kind,
+                    subject=subject,
+                    message=message,
+                    data=json.loads(json.dumps(data, default=str)),
+                )
+            )
+
+    def audit_events(self, kind_prefix: str = "", limit: int = 500) -> list[AuditEvent]:
+        with self.session() as s:
+            q = select(AuditEvent)
+            if kind_prefix:
+                q = q.where(AuditEvent.kind.like(f"{kind_prefix}%"))
+            return list(s.scalars(q.order_by(AuditEvent.id.desc()).limit(limit)))
