@@ -161,6 +161,7 @@ class Settings(_Strict):
 
     def resolve_paths(self, base: Path) -> Settings:
         """Paths relative to ``base`` (the config file's folder) made absolute."""
+
         def absolute(p: Path) -> Path:
             p = p.expanduser()
             return p if p.is_absolute() else (base / p).resolve()

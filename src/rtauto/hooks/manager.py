@@ -81,9 +81,7 @@ class PluginHost:
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
-    return sorted(
-        importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name
-    )
+    return sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
 
 
 def plugin_fingerprint() -> str:
@@ -151,8 +149,8 @@ def _reject_unknown_hooks(host: PluginHost) -> None:
         if unknown:
             host.pm.unregister(plugin)
             del host.plugins[name]
-            host.failures[name] = (
-                "implements hooks that match no specification: " + ", ".join(sorted(unknown))
+            host.failures[name] = "implements hooks that match no specification: " + ", ".join(
+                sorted(unknown)
             )
             log.error("plugin %s is disabled: %s", name, host.failures[name])
 

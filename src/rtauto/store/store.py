@@ -202,7 +202,9 @@ class Store:
         with self.session() as s:
             return list(
                 s.scalars(
-                    select(Series).where(Series.study_uid == study_uid).order_by(Series.first_received)
+                    select(Series)
+                    .where(Series.study_uid == study_uid)
+                    .order_by(Series.first_received)
                 )
             )
 
@@ -243,7 +245,9 @@ class Store:
     def mark_study_complete(self, study_uid: str, when: float | None = None) -> None:
         with self.session() as s:
             s.execute(
-                update(Study).where(Study.study_uid == study_uid).values(completed_at=when or time.time())
+                update(Study)
+                .where(Study.study_uid == study_uid)
+                .values(completed_at=when or time.time())
             )
 
     def counts(self) -> dict[str, int]:
@@ -301,8 +305,7 @@ class Store:
                         ts=datetime.now(UTC),
                         kind="job.created",
                         subject=job_id,
-                        message=f"workflow {workflow_name} on {scope} "
-                        f"{series_uid or study_uid}",
+                        message=f"workflow {workflow_name} on {scope} {series_uid or study_uid}",
                         data={"workflow_hash": workflow_hash},
                     )
                 )
@@ -330,7 +333,9 @@ class Store:
         with self.session() as s:
             return list(
                 s.scalars(
-                    select(Job).where(Job.status.in_(["pending", "running"])).order_by(Job.created_at)
+                    select(Job)
+                    .where(Job.status.in_(["pending", "running"]))
+                    .order_by(Job.created_at)
                 )
             )
 

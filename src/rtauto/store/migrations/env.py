@@ -1,6 +1,7 @@
 """Alembic environment for rtauto's job store (run through ``rtauto.store.run_migrations``)."""
 
 from alembic import context
+
 from rtauto.store.models import Base
 from rtauto.store.store import make_engine
 
