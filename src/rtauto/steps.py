@@ -241,6 +241,7 @@ class StepContext:
     logger: logging.Logger
     artifacts: list[Artifact] = field(default_factory=list)
     store_url: str | None = None  # for steps that look up earlier studies (read only)
+    max_attempts: int = 1  # the step's retry policy; attempt >= max_attempts is the last
 
     def add_artifact(
         self,
