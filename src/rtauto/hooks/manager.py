@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
+import inspect
 import logging
 import os
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pluggy
+from pydantic import BaseModel
 
 from rtauto import __version__
 from rtauto.destinations import DestinationType
-from rtauto.errors import PluginError
+from rtauto.errors import ConfigError, PluginError
 from rtauto.hooks import specs
 from rtauto.steps import StepType
 
@@ -28,6 +33,9 @@ DISABLE_AUTOLOAD_ENV = "RTAUTO_DISABLE_PLUGIN_AUTOLOAD"
 # Core plugins shipped inside the rtauto package; registered through the same path as
 # entry points, and blockable by name like any other plugin.
 BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (("route", "rtauto.route.plugin"),)
+
+# rtauto calls these itself, one implementation at a time, so wrappers cannot apply to them.
+_DIRECTLY_CALLED_HOOKS = frozenset(specs.PROVIDER_HOOKS) | frozenset(specs.OBSERVER_HOOKS)
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,8 @@ class PluginInfo:
 
 @dataclass(frozen=True)
 class RegisteredStep:
+    """A step type with the plugin that registered it (recorded in each artifact's provenance)."""
+
     step_type: StepType
     plugin: str
     plugin_version: str
@@ -51,11 +61,16 @@ class RegisteredStep:
 
 @dataclass
 class PluginHost:
-    """The plugin manager and what its plugins registered."""
+    """The plugin manager and what its plugins registered.
+
+    ``plugins`` lists the loaded plugins in plugin order (built-ins, then entry points by name,
+    then extra plugins); ``failures`` maps the name of every plugin that was disabled to the
+    reason, with the original traceback where there is one.
+    """
 
     pm: pluggy.PluginManager
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)  # plugin name -> reason (traceback)
+    failures: dict[str, str] = field(default_factory=dict)
     steps: dict[str, RegisteredStep] = field(default_factory=dict)
     destination_types: dict[str, DestinationType] = field(default_factory=dict)
     model_backends: dict[str, Callable[..., Any]] = field(default_factory=dict)
@@ -65,11 +80,22 @@ class PluginHost:
         return self.pm.hook
 
     def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call an observer hook: every implementation in its own try, failures logged."""
+        """Call an observer hook: every implementation, in plugin order, in its own ``try``.
+
+        A failing implementation is logged with its plugin's name and the traceback; the others
+        are still called and nothing propagates. Raises ``ValueError`` for a hook that is not an
+        observer and ``TypeError`` when ``kwargs`` do not match the hook's arguments (a bug of
+        the caller, not of a plugin).
+        """
         if hook_name not in specs.OBSERVER_HOOKS:
             raise ValueError(f"{hook_name} is not an observer hook")
         caller = getattr(self.pm.hook, hook_name)
-        for impl in caller.get_hookimpls():
+        expected = set(caller.spec.argnames)
+        if set(kwargs) != expected:
+            raise TypeError(
+                f"{hook_name} takes {sorted(expected)}, it was called with {sorted(kwargs)}"
+            )
+        for impl in _in_plugin_order(self, caller.get_hookimpls()):
             try:
                 impl.function(**{name: kwargs[name] for name in impl.argnames})
             except Exception:
@@ -80,130 +106,276 @@ class PluginHost:
         return plugin_fingerprint()
 
 
+def _in_plugin_order(host: PluginHost, impls: Iterable[Any]) -> list[Any]:
+    order = {name: index for index, name in enumerate(host.plugins)}
+    return sorted(impls, key=lambda impl: order.get(impl.plugin_name, len(order)))
+
+
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
     return sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
 
 
+def _source_stamp(module_name: str) -> str:
+    """Names, sizes and modification times of a module's source files (a package's: all)."""
+    try:
+        # find_spec imports the parent packages of a dotted name, which may raise anything
+        spec = importlib.util.find_spec(module_name)
+    except Exception:
+        return "unimportable"
+    if spec is None:
+        return "missing"
+    files: list[Path] = []
+    if spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            files.extend(sorted(Path(location).rglob("*.py")))
+    elif spec.origin and os.path.isfile(spec.origin):
+        files.append(Path(spec.origin))
+    digest = hashlib.sha256()
+    for path in files:
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def plugin_fingerprint() -> str:
-    """Names, versions and file times of the installed rtauto plugins' distributions."""
+    """A digest of the installed ``rtauto`` entry points: names, targets, distribution versions,
+    and the size and modification time of each plugin module's source files.
+
+    It changes when a plugin is installed, removed or upgraded, and when a plugin's source
+    file is edited in place (editable installs), so long-lived worker processes can be recycled.
+    """
     parts = []
     for ep in _entry_points():
-        dist = ep.dist
-        version = dist.version if dist is not None else "?"
-        stamp = ""
-        try:
-            spec = importlib.util.find_spec(ep.module)  # type: ignore[attr-defined]
-            if spec is not None and spec.origin and os.path.exists(spec.origin):
-                stamp = str(os.stat(spec.origin).st_mtime_ns)
-        except (ImportError, ValueError):
-            stamp = "unimportable"
-        parts.append(f"{ep.name}={ep.value}@{version}:{stamp}")
-    return "|".join(parts)
+        version = ep.dist.version if ep.dist is not None else "?"
+        parts.append(f"{ep.name}={ep.value}@{version}:{_source_stamp(ep.module)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _register_module(
-    host: PluginHost,
-    name: str,
-    target: str | ModuleType,
-    *,
-    version: str,
-    distribution: str | None,
-    builtin: bool,
-) -> None:
-    """Import and register one plugin; a failure is recorded by name and does not propagate."""
+@dataclass
+class _Candidate:
+    """A plugin to load: where it comes from and how ``rtauto plugins`` describes it."""
+
+    name: str
+    load: Callable[[], object]
+    version: str
+    distribution: str | None
+    builtin: bool
+    source: str
+    plugin: object = None
+
+
+def _import_target(target: str | object) -> Callable[[], object]:
+    """A loader for ``"module"``, ``"module:attribute"`` or an already imported object."""
+    if not isinstance(target, str):
+        return lambda: target
+
+    def load() -> object:
+        module_name, _, attribute = target.partition(":")
+        found: object = importlib.import_module(module_name)
+        for part in filter(None, attribute.split(".")):
+            found = getattr(found, part)
+        return found
+
+    return load
+
+
+def _describe(plugin: object) -> str:
+    """The plugin's module (or class, or instance's class) name."""
+    name = getattr(plugin, "__name__", None)
+    return str(name) if name else f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+
+
+def _disable(host: PluginHost, name: str, reason: str) -> None:
+    """Take a plugin out: unregistered, forgotten, reported in ``host.failures``."""
+    if host.pm.get_plugin(name) is not None:
+        host.pm.unregister(name=name)
+    host.plugins.pop(name, None)
+    host.failures[name] = reason
+    log.error("plugin %s is disabled: %s", name, reason)
+
+
+def _load(host: PluginHost, candidate: _Candidate) -> bool:
+    """Import one plugin; a failure is recorded by name with its traceback, never raised."""
     try:
-        module = importlib.import_module(target) if isinstance(target, str) else target
+        candidate.plugin = candidate.load()
     except BaseException as exc:  # a plugin's import may raise anything, even SystemExit
         if isinstance(exc, KeyboardInterrupt):
             raise
-        host.failures[name] = f"import of {target} failed:\n{traceback.format_exc()}"
-        log.error("plugin %s could not be imported and is disabled: %s", name, exc)
-        return
+        host.failures[candidate.name] = f"import failed: {exc!r}\n{traceback.format_exc().rstrip()}"
+        log.error("plugin %s could not be imported and is disabled: %r", candidate.name, exc)
+        return False
+    if candidate.plugin is None:
+        host.failures[candidate.name] = "the entry point resolves to None"
+        log.error("plugin %s is disabled: its entry point resolves to None", candidate.name)
+        return False
+    return True
+
+
+def _register(host: PluginHost, candidate: _Candidate) -> None:
+    """Register one imported plugin; a failure is recorded by name and does not propagate."""
     try:
-        host.pm.register(module, name=name)
+        host.pm.register(candidate.plugin, name=candidate.name)
     except Exception as exc:
-        host.failures[name] = f"registration failed: {exc}"
-        log.error("plugin %s could not be registered and is disabled: %s", name, exc)
+        # a raising rtauto_addhooks leaves the plugin half registered in pluggy
+        _disable(host, candidate.name, f"registration failed: {exc}")
         return
-    host.plugins[name] = PluginInfo(
-        name=name,
-        module=module.__name__,
+    version = candidate.version
+    if candidate.distribution is None:
+        version = str(getattr(candidate.plugin, "__version__", version))
+    host.plugins[candidate.name] = PluginInfo(
+        name=candidate.name,
+        module=_describe(candidate.plugin),
         version=version,
-        distribution=distribution,
-        builtin=builtin,
-        hooks=tuple(sorted(impl.name for impl in host.pm.get_hookcallers(module) or [])),
+        distribution=candidate.distribution,
+        builtin=candidate.builtin,
+        hooks=tuple(sorted(c.name for c in host.pm.get_hookcallers(candidate.plugin) or [])),
     )
 
 
-def _reject_unknown_hooks(host: PluginHost) -> None:
-    """Unregister plugins that implement a hook no spec declares (a typo is an error)."""
-    for name in list(host.plugins):
-        plugin = host.pm.get_plugin(name)
-        unknown = []
-        for attr in dir(plugin):
-            if not attr.startswith("rtauto_"):
-                continue
-            hook_caller = getattr(host.pm.hook, attr, None)
-            if hook_caller is None or hook_caller.spec is None:
-                unknown.append(attr)
-        if unknown:
-            host.pm.unregister(plugin)
-            del host.plugins[name]
-            host.failures[name] = "implements hooks that match no specification: " + ", ".join(
-                sorted(unknown)
-            )
-            log.error("plugin %s is disabled: %s", name, host.failures[name])
+def _hook_problems(host: PluginHost, name: str) -> list[str]:
+    """What is wrong with a registered plugin's hook implementations (empty when nothing)."""
+    plugin = host.pm.get_plugin(name)
+    problems = []
+    for caller in host.pm.get_hookcallers(plugin) or []:
+        impls = [impl for impl in caller.get_hookimpls() if impl.plugin is plugin]
+        if caller.spec is None and not all(impl.optionalhook for impl in impls):
+            problems.append(f"{caller.name} matches no hook specification")
+        elif caller.name in _DIRECTLY_CALLED_HOOKS and any(
+            impl.wrapper or impl.hookwrapper for impl in impls
+        ):
+            problems.append(f"{caller.name} cannot be implemented as a wrapper")
+    # a function named like a hook but not marked would be silently ignored by pluggy
+    for attribute in dir(plugin):
+        if not attribute.startswith(specs.PROJECT_NAME + "_"):
+            continue
+        if host.pm.parse_hookimpl_opts(plugin, attribute) is not None:
+            continue
+        value = inspect.getattr_static(plugin, attribute, None)
+        if not (callable(value) or isinstance(value, staticmethod | classmethod)):
+            continue
+        if getattr(host.pm.hook, attribute, None) is None:
+            problems.append(f"{attribute} matches no hook specification")
+        else:
+            problems.append(f"{attribute} is not marked with @rtauto.hookimpl")
+    return problems
 
 
-def _call_provider(host: PluginHost, hook_name: str, make_register: Callable[[str], Any]) -> None:
-    caller = getattr(host.pm.hook, hook_name)
-    for impl in caller.get_hookimpls():
-        register = make_register(impl.plugin_name)
+def _traceback_unless_expected(exc: Exception) -> str:
+    """The traceback of an unexpected error; nothing for the errors plugins raise on purpose."""
+    if isinstance(exc, ConfigError | PluginError):
+        return ""
+    return "\n" + traceback.format_exc().rstrip()
+
+
+def _configure(host: PluginHost, settings: Any) -> None:
+    """Call ``rtauto_configure`` of each plugin; a plugin that raises is disabled."""
+    for impl in _in_plugin_order(host, host.pm.hook.rtauto_configure.get_hookimpls()):
         try:
-            impl.function(register)
+            impl.function(**{"settings": settings} if impl.argnames else {})
         except Exception as exc:
-            host.failures.setdefault(impl.plugin_name, f"{hook_name} failed: {exc}")
-            log.error("plugin %s failed in %s: %s", impl.plugin_name, hook_name, exc)
+            reason = f"configuration refused: {exc}{_traceback_unless_expected(exc)}"
+            _disable(host, impl.plugin_name, reason)
+
+
+_STEPS = "rtauto_register_steps"
+_DESTINATIONS = "rtauto_register_destinations"
+_BACKENDS = "rtauto_register_model_backends"
+_WHAT = {_STEPS: "step", _DESTINATIONS: "destination type", _BACKENDS: "model backend"}
+
+# what the provider hooks registered: key -> (plugin name, registered object)
+_Owners = dict[str, tuple[str, Any]]
+
+
+def _make_register(
+    hook_name: str, plugin: str, committed: _Owners, staged: _Owners
+) -> Callable[..., None]:
+    """The ``register`` callback one plugin gets in one provider hook."""
+    what = _WHAT[hook_name]
+
+    def claim(key: str, value: Any) -> None:
+        for table in (committed, staged):
+            if key in table:
+                raise PluginError(
+                    f"plugin {plugin} registers {what} {key!r}, already registered by "
+                    f"plugin {table[key][0]}"
+                )
+        staged[key] = (plugin, value)
+
+    def register_step(step_type: StepType) -> None:
+        if not isinstance(step_type, StepType):
+            raise PluginError(f"plugin {plugin} registered {step_type!r}, not a StepType")
+        params = step_type.params
+        if not (isinstance(params, type) and issubclass(params, BaseModel)):
+            raise PluginError(
+                f"step {step_type.name!r} of plugin {plugin}: params must be a pydantic model "
+                f"class, not {params!r}"
+            )
+        claim(step_type.name, step_type)
+
+    def register_destination(destination_type: DestinationType) -> None:
+        if not isinstance(destination_type, DestinationType):
+            raise PluginError(
+                f"plugin {plugin} registered {destination_type!r}, not a DestinationType"
+            )
+        claim(destination_type.name, destination_type)
+
+    def register_backend(name: str, loader: Callable[..., Any]) -> None:
+        if not callable(loader):
+            raise PluginError(
+                f"plugin {plugin}: the loader of model backend {name!r} is not callable"
+            )
+        claim(name, loader)
+
+    return {
+        _STEPS: register_step,
+        _DESTINATIONS: register_destination,
+        _BACKENDS: register_backend,
+    }[hook_name]
+
+
+def _version_of(host: PluginHost, plugin: str) -> str:
+    info = host.plugins.get(plugin)
+    return info.version if info is not None else "?"
 
 
 def _collect(host: PluginHost) -> None:
-    def step_register(plugin: str) -> Callable[[StepType], None]:
-        version = host.plugins[plugin].version if plugin in host.plugins else "?"
+    """Call the provider hooks, in plugin order.
 
-        def register(step_type: StepType) -> None:
-            if not isinstance(step_type, StepType):
-                raise PluginError(f"plugin {plugin} registered {step_type!r}, not a StepType")
-            if step_type.name in host.steps:
-                owner = host.steps[step_type.name].plugin
-                raise PluginError(
-                    f"plugin {plugin} registers step {step_type.name!r}, already "
-                    f"registered by plugin {owner}"
+    What one implementation registers counts only if it returns; a plugin that raises in any
+    provider hook is disabled and everything it registered, in every provider hook, is dropped.
+    """
+    owners: dict[str, _Owners] = {hook_name: {} for hook_name in _WHAT}
+    failed: dict[str, str] = {}
+    for hook_name, committed in owners.items():
+        caller = getattr(host.pm.hook, hook_name)
+        for impl in _in_plugin_order(host, caller.get_hookimpls()):
+            if impl.plugin_name in failed:
+                continue
+            staged: _Owners = {}
+            register = _make_register(hook_name, impl.plugin_name, committed, staged)
+            try:
+                impl.function(**{"register": register} if impl.argnames else {})
+            except Exception as exc:
+                failed[impl.plugin_name] = (
+                    f"{hook_name} failed: {exc}{_traceback_unless_expected(exc)}"
                 )
-            host.steps[step_type.name] = RegisteredStep(step_type, plugin, version)
+                continue
+            committed.update(staged)
 
-        return register
+    def kept(hook_name: str) -> _Owners:
+        return {key: entry for key, entry in owners[hook_name].items() if entry[0] not in failed}
 
-    def destination_register(plugin: str) -> Callable[[DestinationType], None]:
-        def register(destination_type: DestinationType) -> None:
-            if destination_type.name in host.destination_types:
-                raise PluginError(
-                    f"plugin {plugin} registers destination type {destination_type.name!r} twice"
-                )
-            host.destination_types[destination_type.name] = destination_type
-
-        return register
-
-    def backend_register(plugin: str) -> Callable[[str, Callable[..., Any]], None]:
-        def register(name: str, loader: Callable[..., Any]) -> None:
-            if name in host.model_backends:
-                raise PluginError(f"plugin {plugin} registers model backend {name!r} twice")
-            host.model_backends[name] = loader
-
-        return register
-
-    _call_provider(host, "rtauto_register_steps", step_register)
-    _call_provider(host, "rtauto_register_destinations", destination_register)
-    _call_provider(host, "rtauto_register_model_backends", backend_register)
+    host.steps = {
+        name: RegisteredStep(step_type, plugin, _version_of(host, plugin))
+        for name, (plugin, step_type) in kept(_STEPS).items()
+    }
+    host.destination_types = {name: dest for name, (_, dest) in kept(_DESTINATIONS).items()}
+    host.model_backends = {name: loader for name, (_, loader) in kept(_BACKENDS).items()}
+    for name, reason in failed.items():
+        _disable(host, name, reason)
 
 
 def build_plugin_manager(
@@ -211,16 +383,21 @@ def build_plugin_manager(
     *,
     autoload: bool = True,
     blocked: Iterable[str] = (),
-    extra_plugins: Mapping[str, ModuleType | str] | None = None,
+    extra_plugins: Mapping[str, ModuleType | str | object] | None = None,
 ) -> PluginHost:
     """Build the one plugin manager of a process.
 
-    Built-ins, then entry points of the ``rtauto`` group (unless ``autoload`` is false or the
-    environment sets ``RTAUTO_DISABLE_PLUGIN_AUTOLOAD``), then ``extra_plugins`` (tests), all
-    through the same registration path. Plugins named in ``blocked`` (or in
-    ``settings.disabled_plugins``) are skipped. A plugin that fails to import, implements an
-    unknown hook or fails in a provider hook is reported in ``host.failures`` by name; the
-    others load.
+    Plugins, in plugin order: the built-ins, then the entry points of the ``rtauto`` group
+    sorted by name (unless ``autoload`` is false or the environment variable
+    ``RTAUTO_DISABLE_PLUGIN_AUTOLOAD`` is set to a non-empty value), then ``extra_plugins``
+    (name -> module, ``"module[:attribute]"`` or object; used by tests). All go through the
+    same path: import, register, check the hook names, configure, call the provider hooks.
+    Plugins named in ``blocked`` or ``settings.disabled_plugins`` are skipped.
+
+    A plugin that fails to import, implements a hook no specification declares, refuses its
+    configuration (``rtauto_configure`` raises) or raises in a provider hook is disabled and
+    reported in ``host.failures`` by name; the others load. ``rtauto_configure`` is called only
+    when ``settings`` is given. Never raises because of a plugin.
     """
     pm = pluggy.PluginManager(specs.PROJECT_NAME)
     pm.add_hookspecs(specs)
@@ -231,39 +408,57 @@ def build_plugin_manager(
     if settings is not None:
         blocked_names |= set(getattr(settings, "disabled_plugins", ()) or ())
 
-    for name, module_path in BUILTIN_PLUGINS:
-        if name not in blocked_names:
-            _register_module(
-                host, name, module_path, version=__version__, distribution="rtauto", builtin=True
-            )
-
+    candidates: list[_Candidate] = [
+        _Candidate(name, _import_target(path), __version__, "rtauto", True, source=path)
+        for name, path in BUILTIN_PLUGINS
+    ]
     if autoload and not os.environ.get(DISABLE_AUTOLOAD_ENV):
         for ep in _entry_points():
-            if ep.name in blocked_names or ep.name in host.plugins:
-                continue
             dist = ep.dist
-            _register_module(
-                host,
-                ep.name,
-                ep.value.split(":")[0],
-                version=dist.version if dist is not None else "?",
-                distribution=dist.metadata["Name"] if dist is not None else None,
-                builtin=False,
+            candidates.append(
+                _Candidate(
+                    ep.name,
+                    ep.load,
+                    dist.version if dist is not None else "?",
+                    dist.name if dist is not None else None,
+                    builtin=False,
+                    source=ep.value,
+                )
             )
-
     for name, target in (extra_plugins or {}).items():
-        if name not in blocked_names:
-            _register_module(host, name, target, version="0", distribution=None, builtin=False)
+        source = target if isinstance(target, str) else _describe(target)
+        candidates.append(_Candidate(name, _import_target(target), "0", None, False, source))
 
-    _reject_unknown_hooks(host)
+    seen: dict[str, _Candidate] = {}
+    loaded: list[_Candidate] = []
+    for candidate in candidates:
+        if candidate.name in blocked_names:
+            log.info("plugin %s is blocked by the configuration", candidate.name)
+            continue
+        first = seen.setdefault(candidate.name, candidate)
+        if first is not candidate:
+            if first.source != candidate.source:  # the same plugin declared twice is harmless
+                host.failures[f"{candidate.name} (duplicate)"] = (
+                    f"{candidate.source} is not loaded: plugin {candidate.name} is {first.source}"
+                )
+                log.error("two plugins are named %s; only the first is loaded", candidate.name)
+            continue
+        if _load(host, candidate):
+            loaded.append(candidate)
+
+    # plugins that declare hook specs first, so a bad implementation of such a spec is blamed
+    # on its implementer, not on the declaring plugin
+    declaring = [c for c in loaded if hasattr(c.plugin, "rtauto_addhooks")]
+    for candidate in declaring + [c for c in loaded if c.name not in {d.name for d in declaring}]:
+        _register(host, candidate)
+    order = [c.name for c in loaded]
+    host.plugins = {name: host.plugins[name] for name in order if name in host.plugins}
+
+    for name in list(host.plugins):
+        problems = _hook_problems(host, name)
+        if problems:
+            _disable(host, name, "; ".join(problems))
     if settings is not None:
-        for impl in pm.hook.rtauto_configure.get_hookimpls():
-            try:
-                impl.function(settings=settings)
-            except Exception as exc:
-                host.failures[impl.plugin_name] = f"configuration refused: {exc}"
-                log.error("plugin %s refused its configuration: %s", impl.plugin_name, exc)
-                pm.unregister(name=impl.plugin_name)
-                host.plugins.pop(impl.plugin_name, None)
+        _configure(host, settings)
     _collect(host)
     return host

@@ -2,12 +2,18 @@
 
 Two kinds of hook, with two error rules (chosen per hook and stated in its docstring):
 
-* **provider** hooks hand the plugin a ``register`` callback. Every implementation is called;
-  an implementation that raises is reported with its plugin's name and what it registered is
-  dropped, the other plugins load as usual.
-* **observer** hooks tell plugins that something happened. Every implementation is called,
-  in its own ``try``: a failure is logged with the plugin's name and never stops the job or
-  the daemon. Their return values are ignored.
+* **provider** hooks (and the two set-up hooks) are called while the plugin manager is built.
+  Every implementation is called, in plugin order (built-ins, then entry points by name, then
+  extra plugins); an implementation that raises disables its plugin: the plugin is reported in
+  ``PluginHost.failures`` by name, everything it registered is dropped, the other plugins load
+  as usual.
+* **observer** hooks tell plugins that something happened (``PluginHost.notify``). Every
+  implementation is called, in plugin order, in its own ``try``: a failure is logged with the
+  plugin's name and never stops the job or the daemon. Their return values are ignored.
+
+rtauto calls provider and observer hooks one implementation at a time, so they cannot be
+implemented as wrappers (``wrapper=True`` / ``hookwrapper=True``); a plugin that tries is
+disabled, as is one that implements a hook no specification declares.
 
 Every hook is documented in ``docs/hooks.md``; a test fails when one is not, or has no test.
 """
@@ -33,10 +39,15 @@ hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 def rtauto_addhooks(pluginmanager: pluggy.PluginManager) -> None:
     """Called when a plugin is registered, so it can declare hook specifications of its own.
 
-    Implement it as ``pluginmanager.add_hookspecs(my_specs_module)``; other plugins may then
-    implement those hooks (the plan_check plugin declares ``plan_check_register_checks``).
+    Implement it as ``pluginmanager.add_hookspecs(my_specs_module)``, where the module's
+    specifications are marked with :data:`hookspec` (``pluggy.HookspecMarker("rtauto")``);
+    other plugins may then implement those hooks (the plan_check plugin declares
+    ``plan_check_register_checks``). The declaring plugin calls its hooks itself through
+    ``pluginmanager.hook``. Plugins that implement this hook are registered before the others,
+    so an implementation that does not fit a declared specification is blamed on its plugin.
 
-    Historic. Result: ignored. Errors: provider rule.
+    Historic: called for every plugin as it is registered. Result: ignored.
+    Errors: the plugin is disabled (``registration failed: ...``).
     """
 
 
@@ -48,9 +59,12 @@ def rtauto_configure(settings: Any) -> None:
     ``settings.plugins[<plugin name>]`` and should validate it here, raising
     :class:`rtauto.errors.ConfigError` with a clear message when it is invalid.
 
-    Historic: a plugin registered later is called too. Result: ignored.
-    Errors: a ``ConfigError`` is reported with the plugin's name and the plugin is disabled;
-    the daemon goes on without it.
+    Called only when the manager is built with settings (the daemon, workers, the CLI), after
+    the hook names are checked and before the provider hooks. Historic in pluggy's terms; rtauto
+    calls each implementation itself. Result: ignored.
+    Errors: any exception disables the plugin; it is reported with the plugin's name and the
+    message (a ``ConfigError`` without a traceback, so write an actionable message), and the
+    daemon goes on without it.
     """
 
 
@@ -64,10 +78,13 @@ def rtauto_register_steps(register: Callable[[Any], None]) -> None:
     """Register step types: call ``register(StepType(...))`` once per type.
 
     Called when a plugin manager is built: in the daemon (to validate workflows) and in every
-    worker process (to run steps). ``register`` raises ``PluginError`` for a duplicate name.
+    worker process (to run steps). ``register`` raises ``PluginError`` for a name another
+    plugin (or this one) already registered and for a ``params`` that is not a pydantic model
+    class; left uncaught, that disables the registering plugin, and the first registration of
+    the name stays.
 
-    Result: ignored. Errors: provider rule (the plugin's step types are dropped, reported by
-    plugin name; other plugins load).
+    Result: ignored. Errors: provider rule (the plugin is disabled, all it registered dropped,
+    reported by plugin name; other plugins load).
     """
 
 
@@ -76,7 +93,8 @@ def rtauto_register_destinations(register: Callable[[Any], None]) -> None:
     """Register destination types: call ``register(DestinationType(...))`` once per type.
 
     A destination type has a ``name`` (what ``type:`` says in a destination block), a pydantic
-    ``config`` model and ``send(destination, artifacts)``. Built-ins: ``dicom``, ``folder``.
+    ``config`` model and ``send(config, files)``. Built-ins: ``dicom``, ``folder``.
+    ``register`` raises ``PluginError`` for a name already registered.
 
     Result: ignored. Errors: provider rule.
     """
@@ -88,6 +106,8 @@ def rtauto_register_model_backends(register: Callable[[Any], None]) -> None:
 
     ``name`` is what a model card's ``backend:`` names (e.g. ``onnx``); ``loader(card, path)``
     returns an object with ``predict(array)``. Used by the autocontour plugin.
+    ``register`` raises ``PluginError`` for a name already registered or a loader that is not
+    callable.
 
     Result: ignored. Errors: provider rule.
     """
