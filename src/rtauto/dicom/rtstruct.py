@@ -1,0 +1,462 @@
+"""RT Structure Set: binary masks to CLOSED_PLANAR contours in patient space, and back.
+
+Writing (:func:`write_rtstruct`): each slice of each mask is traced at the 0.5 iso-line
+(marching squares), so the contour separates inside pixel centres from outside ones exactly;
+points are mapped through the volume's affine, hence correct for any patient position and
+oblique series. Holes are written as separate contours (the even-odd rule that TPSs apply to
+contours on one plane) or, with ``keyhole=True``, spliced into their outer contour through a
+zero-width channel for systems that do not apply even-odd.
+
+Deliberate choices: an empty structure is written as an ROI without contours (its
+``RTROIObservations`` entry is kept so the ROI list matches the model's) unless the caller
+drops it; traced contours always have at least 3 points, and polygons of 1 or 2 points met
+while reading are skipped with a warning since they enclose no area.
+
+Reading (:func:`read_rtstruct`): contours are rasterised (pixel centre inside, even-odd per
+slice) onto a :class:`~rtauto.dicom.geometry.Volume`, matched by position along the slice
+normal and by Frame of Reference, not by SOP Instance UID, so a structure set whose image
+references were rewritten still reads onto its CT.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
+from skimage.draw import polygon as fill_polygon
+from skimage.measure import find_contours, points_in_poly
+
+from rtauto.dicom.geometry import GeometryError, Volume
+from rtauto.uids import new_uid
+
+__all__ = [
+    "RTSTRUCT_INTERPRETED_TYPES",
+    "Structure",
+    "StructureSetInfo",
+    "mask_to_polygons",
+    "read_rtstruct",
+    "write_rtstruct",
+]
+
+log = logging.getLogger(__name__)
+
+# PS3.3 C.8.8.8: defined terms of RTROIInterpretedType.
+RTSTRUCT_INTERPRETED_TYPES = (
+    "EXTERNAL",
+    "PTV",
+    "CTV",
+    "GTV",
+    "TREATED_VOLUME",
+    "IRRAD_VOLUME",
+    "OAR",
+    "BOLUS",
+    "AVOIDANCE",
+    "ORGAN",
+    "MARKER",
+    "REGISTRATION",
+    "ISOCENTER",
+    "CONTRAST_AGENT",
+    "CAVITY",
+    "BRACHY_CHANNEL",
+    "BRACHY_ACCESSORY",
+    "BRACHY_SRC_APP",
+    "BRACHY_CHNL_SHLD",
+    "SUPPORT",
+    "FIXATION",
+    "DOSE_REGION",
+    "CONTROL",
+    "DOSE_MEASUREMENT",
+)
+
+# Study Component Management SOP class: what RTReferencedStudySequence conventionally names.
+_STUDY_REFERENCE_CLASS = "1.2.840.10008.3.1.2.3.1"
+
+
+@dataclass
+class Structure:
+    """One ROI: a boolean mask (slices, rows, columns) on the referenced volume's grid."""
+
+    name: str
+    mask: np.ndarray
+    color: tuple[int, int, int] = (255, 0, 0)
+    interpreted_type: str = "ORGAN"
+    description: str = ""  # e.g. "model thorax-oar@2" (written as ROIGenerationDescription)
+    algorithm: str = "AUTOMATIC"  # ROIGenerationAlgorithm: AUTOMATIC | SEMIAUTOMATIC | MANUAL
+    number: int | None = None  # ROINumber; assigned 1.. in order when None
+
+
+@dataclass
+class StructureSetInfo:
+    """What the structure set says about itself and its references (filled by the reader)."""
+
+    sop_instance_uid: str
+    frame_of_reference_uid: str
+    referenced_series_uid: str
+    referenced_sop_instance_uids: list[str] = field(default_factory=list)
+    label: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# masks -> polygons
+# --------------------------------------------------------------------------------------------
+
+
+def _drop_collinear(points: np.ndarray) -> np.ndarray:
+    """Remove vertices lying on the straight line through their neighbours (closed polygon)."""
+    prev = np.roll(points, 1, axis=0)
+    nxt = np.roll(points, -1, axis=0)
+    cross = (points[:, 0] - prev[:, 0]) * (nxt[:, 1] - prev[:, 1]) - (points[:, 1] - prev[:, 1]) * (
+        nxt[:, 0] - prev[:, 0]
+    )
+    keep = np.abs(cross) > 1e-9
+    return points[keep] if keep.sum() >= 3 else points
+
+
+def _signed_area(points: np.ndarray) -> float:
+    x, y = points[:, 0], points[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def _keyhole(polygons: list[np.ndarray]) -> list[np.ndarray]:
+    """Splice every hole into its enclosing outer polygon through a zero-width channel."""
+    if len(polygons) < 2:
+        return polygons
+    # Nesting depth by containment of one vertex: even depth = outer boundary, odd = hole.
+    depth = [0] * len(polygons)
+    parents: list[list[int]] = [[] for _ in polygons]
+    for a, inner in enumerate(polygons):
+        for b, outer in enumerate(polygons):
+            if a != b and points_in_poly(inner[:1], outer)[0]:
+                depth[a] += 1
+                parents[a].append(b)
+    merged = {i: polygons[i] for i in range(len(polygons)) if depth[i] % 2 == 0}
+    for hole in (i for i in range(len(polygons)) if depth[i] % 2 == 1):
+        parent = next(p for p in parents[hole] if depth[p] == depth[hole] - 1)
+        outer, inner = merged[parent], polygons[hole]
+        distance = np.linalg.norm(outer[:, None, :] - inner[None, :, :], axis=2)
+        a, b = np.unravel_index(int(np.argmin(distance)), distance.shape)
+        merged[parent] = np.concatenate(
+            [outer[: a + 1], inner[b:], inner[: b + 1], outer[a:]], axis=0
+        )
+    return list(merged.values())
+
+
+def mask_to_polygons(mask2d: np.ndarray, *, keyhole: bool = False) -> list[np.ndarray]:
+    """Closed polygons (N, 2) as (column, row) pixel coordinates tracing a 2-D boolean mask.
+
+    Outer boundaries and holes come as separate polygons (even-odd) unless ``keyhole``.
+    """
+    if not mask2d.any():
+        return []
+    padded = np.pad(mask2d.astype(np.float32), 1)
+    polygons = []
+    for contour in find_contours(padded, 0.5):
+        # Closed contours repeat their first point last; drop it, undo the padding, (x, y).
+        points = contour[:-1, ::-1] - 1.0
+        points = _drop_collinear(points)
+        if len(points) >= 3 and abs(_signed_area(points)) > 0:
+            polygons.append(points)
+    return _keyhole(polygons) if keyhole else polygons
+
+
+# --------------------------------------------------------------------------------------------
+# writer
+# --------------------------------------------------------------------------------------------
+
+
+def _format_ds(values: np.ndarray) -> list[str]:
+    # 16-character limit of DS; 0.001 mm is far below any image resolution.
+    return [f"{v:.3f}" for v in np.round(values, 3).ravel()]
+
+
+def _copy_attributes(target: Dataset, source: Dataset, names: Sequence[str]) -> None:
+    for name in names:
+        setattr(target, name, source.get(name, ""))
+
+
+def write_rtstruct(
+    volume: Volume,
+    structures: Sequence[Structure],
+    path: Path | str,
+    *,
+    label: str = "rtauto",
+    series_description: str = "rtauto structures",
+    manufacturer: str = "rtauto",
+    software_versions: Sequence[str] = (),
+    derivation_description: str = "",
+    keyhole: bool = False,
+    drop_empty: bool = False,
+    sop_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+) -> Dataset:
+    """Write an RTSTRUCT referencing ``volume``'s images; returns the written dataset.
+
+    Every mask must have ``volume.shape``. ContourImageSequence entries name the CT slice
+    each contour lies on; the referenced Frame of Reference, study and series are
+    ``volume``'s. ``derivation_description`` goes into StructureSetDescription (the RT
+    Structure Set IOD has no DerivationDescription). New UIDs come from
+    :func:`rtauto.uids.new_uid` unless given (a step retried after a crash passes its own).
+    """
+    if not volume.headers:
+        raise GeometryError("the volume carries no image headers to reference")
+    names = [s.name for s in structures]
+    if len(set(names)) != len(names):
+        raise ValueError(f"structure names must be unique: {names}")
+    for structure in structures:
+        if structure.mask.shape != volume.shape:
+            raise ValueError(
+                f"structure {structure.name}: mask shape {structure.mask.shape} "
+                f"is not the volume's {volume.shape}"
+            )
+        if structure.interpreted_type not in RTSTRUCT_INTERPRETED_TYPES:
+            raise ValueError(
+                f"structure {structure.name}: RTROIInterpretedType "
+                f"{structure.interpreted_type!r} is not a DICOM defined term"
+            )
+    first = volume.headers[0]
+    sop_uid = sop_instance_uid or new_uid()
+    now = dt.datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = RTStructureSetStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = first.get("SpecificCharacterSet", "ISO_IR 100")
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    ds.SOPClassUID = RTStructureSetStorage
+    ds.SOPInstanceUID = sop_uid
+    # Patient and General Study modules: copied from the image so the TPS files it together.
+    _copy_attributes(
+        ds,
+        first,
+        ["PatientName", "PatientID", "PatientBirthDate", "PatientSex"],
+    )
+    _copy_attributes(
+        ds,
+        first,
+        ["StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"],
+    )
+    ds.StudyInstanceUID = volume.study_instance_uid
+    if "StudyDescription" in first:
+        ds.StudyDescription = first.StudyDescription
+    # Frame of Reference module (part of the RT Structure Set IOD since 2019).
+    ds.FrameOfReferenceUID = volume.frame_of_reference_uid
+    ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
+    # RT Series and General Equipment modules.
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = series_instance_uid or new_uid()
+    ds.SeriesNumber = 9001
+    ds.SeriesDate, ds.SeriesTime = date, time
+    ds.SeriesDescription = series_description[:64]
+    ds.OperatorsName = ""
+    ds.Manufacturer = manufacturer
+    if software_versions:
+        ds.SoftwareVersions = [v[:64] for v in software_versions]
+    # Structure Set module.
+    ds.StructureSetLabel = label[:16]
+    ds.StructureSetName = label[:64]
+    if derivation_description:
+        ds.StructureSetDescription = derivation_description[:1024]
+    ds.StructureSetDate, ds.StructureSetTime = date, time
+    ds.InstanceNumber = 1
+
+    contour_images = DicomSequence()
+    for header, uid in zip(volume.headers, volume.sop_instance_uids, strict=True):
+        item = Dataset()
+        item.ReferencedSOPClassUID = header.SOPClassUID
+        item.ReferencedSOPInstanceUID = uid
+        contour_images.append(item)
+    series_ref = Dataset()
+    series_ref.SeriesInstanceUID = volume.series_instance_uid
+    series_ref.ContourImageSequence = contour_images
+    study_ref = Dataset()
+    study_ref.ReferencedSOPClassUID = _STUDY_REFERENCE_CLASS
+    study_ref.ReferencedSOPInstanceUID = volume.study_instance_uid
+    study_ref.RTReferencedSeriesSequence = DicomSequence([series_ref])
+    frame_ref = Dataset()
+    frame_ref.FrameOfReferenceUID = volume.frame_of_reference_uid
+    frame_ref.RTReferencedStudySequence = DicomSequence([study_ref])
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame_ref])
+
+    roi_items, contour_items, observation_items = [], [], []
+    number = 0
+    for structure in structures:
+        number = structure.number or number + 1
+        slices_with_contours = []
+        contour_sequence = DicomSequence()
+        for k in range(volume.shape[0]):
+            for polygon in mask_to_polygons(structure.mask[k], keyhole=keyhole):
+                ijk = np.column_stack([polygon, np.full(len(polygon), float(k))])
+                contour = Dataset()
+                image = Dataset()
+                image.ReferencedSOPClassUID = volume.headers[k].SOPClassUID
+                image.ReferencedSOPInstanceUID = volume.sop_instance_uids[k]
+                contour.ContourImageSequence = DicomSequence([image])
+                contour.ContourGeometricType = "CLOSED_PLANAR"
+                contour.NumberOfContourPoints = len(polygon)
+                contour.ContourNumber = len(contour_sequence) + 1
+                contour.ContourData = _format_ds(volume.index_to_patient(ijk))
+                contour_sequence.append(contour)
+                slices_with_contours.append(k)
+        if not contour_sequence and drop_empty:
+            log.info("structure %s is empty and is left out", structure.name)
+            continue
+        if not contour_sequence:
+            log.warning("structure %s is empty: written as an ROI without contours", structure.name)
+
+        roi = Dataset()
+        roi.ROINumber = number
+        roi.ReferencedFrameOfReferenceUID = volume.frame_of_reference_uid
+        roi.ROIName = structure.name[:64]
+        if structure.description:
+            roi.ROIDescription = structure.description[:1024]
+            roi.ROIGenerationDescription = structure.description[:64]
+        roi.ROIGenerationAlgorithm = structure.algorithm
+        roi_items.append(roi)
+
+        roi_contour = Dataset()
+        roi_contour.ROIDisplayColor = [int(c) for c in structure.color]
+        if contour_sequence:
+            roi_contour.ContourSequence = contour_sequence
+        roi_contour.ReferencedROINumber = number
+        contour_items.append(roi_contour)
+
+        observation = Dataset()
+        observation.ObservationNumber = number
+        observation.ReferencedROINumber = number
+        observation.ROIObservationLabel = structure.name[:16]
+        observation.RTROIInterpretedType = structure.interpreted_type
+        observation.ROIInterpreter = ""
+        observation_items.append(observation)
+
+    ds.StructureSetROISequence = DicomSequence(roi_items)
+    ds.ROIContourSequence = DicomSequence(contour_items)
+    ds.RTROIObservationsSequence = DicomSequence(observation_items)
+    # Approval module: a machine's contours are never approved.
+    ds.ApprovalStatus = "UNAPPROVED"
+
+    path = Path(path)
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+# --------------------------------------------------------------------------------------------
+# reader
+# --------------------------------------------------------------------------------------------
+
+
+def read_rtstruct(
+    path: Path | str | Dataset,
+    volume: Volume,
+    *,
+    names: Sequence[str] | None = None,
+    check_frame_of_reference: bool = True,
+) -> tuple[list[Structure], StructureSetInfo]:
+    """Rasterise the ROIs of an RTSTRUCT onto ``volume``'s grid.
+
+    A contour is placed on the slice whose position along the normal it lies on (within a
+    quarter of the slice spacing); one off every slice, or not parallel to the slices, raises
+    :class:`GeometryError`. Contours of a slice combine by the even-odd rule. ``names``
+    restricts the ROIs read. The Frame of Reference must be the volume's unless
+    ``check_frame_of_reference`` is false.
+    """
+    ds = path if isinstance(path, Dataset) else pydicom.dcmread(path)
+    frame_uids = [
+        str(item.FrameOfReferenceUID) for item in ds.get("ReferencedFrameOfReferenceSequence", [])
+    ]
+    referenced_series = ""
+    referenced_images: list[str] = []
+    for frame in ds.get("ReferencedFrameOfReferenceSequence", []):
+        for study in frame.get("RTReferencedStudySequence", []):
+            for series in study.get("RTReferencedSeriesSequence", []):
+                referenced_series = referenced_series or str(series.SeriesInstanceUID)
+                referenced_images += [
+                    str(i.ReferencedSOPInstanceUID) for i in series.get("ContourImageSequence", [])
+                ]
+    info = StructureSetInfo(
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        frame_of_reference_uid=frame_uids[0] if frame_uids else "",
+        referenced_series_uid=referenced_series,
+        referenced_sop_instance_uids=referenced_images,
+        label=str(ds.get("StructureSetLabel", "")),
+    )
+    roi_frames = {
+        int(roi.ROINumber): str(roi.get("ReferencedFrameOfReferenceUID", ""))
+        for roi in ds.get("StructureSetROISequence", [])
+    }
+    if check_frame_of_reference:
+        found = set(roi_frames.values()) | set(frame_uids)
+        found.discard("")
+        if found and found != {volume.frame_of_reference_uid}:
+            raise GeometryError(
+                f"the structure set's Frame of Reference {sorted(found)} is not the image's "
+                f"{volume.frame_of_reference_uid}"
+            )
+
+    rois = {int(roi.ROINumber): roi for roi in ds.get("StructureSetROISequence", [])}
+    types = {
+        int(o.ReferencedROINumber): str(o.get("RTROIInterpretedType", "") or "")
+        for o in ds.get("RTROIObservationsSequence", [])
+    }
+    inverse = np.linalg.inv(volume.affine)
+    depth, rows, cols = volume.shape
+    structures = []
+    for roi_contour in ds.get("ROIContourSequence", []):
+        number = int(roi_contour.ReferencedROINumber)
+        roi = rois.get(number)
+        name = str(roi.ROIName) if roi is not None else f"ROI {number}"
+        if names is not None and name not in names:
+            continue
+        mask = np.zeros(volume.shape, dtype=bool)
+        for contour in roi_contour.get("ContourSequence", []):
+            points = np.asarray([float(v) for v in contour.ContourData]).reshape(-1, 3)
+            kind = str(contour.get("ContourGeometricType", "CLOSED_PLANAR"))
+            if kind not in ("CLOSED_PLANAR", "OPEN_PLANAR") or len(points) < 3:
+                log.warning(
+                    "ROI %s: %s contour of %d point(s) skipped (encloses no area)",
+                    name,
+                    kind,
+                    len(points),
+                )
+                continue
+            ijk = points @ inverse[:3, :3].T + inverse[:3, 3]
+            k_values = ijk[:, 2]
+            k = int(round(float(k_values.mean())))
+            if np.ptp(k_values) > 0.25:
+                raise GeometryError(
+                    f"ROI {name}: a contour is not parallel to the image slices "
+                    f"(spans {np.ptp(k_values) * volume.spacing[2]:.2f} mm along the normal)"
+                )
+            if abs(k_values.mean() - k) > 0.25 or not 0 <= k < depth:
+                raise GeometryError(
+                    f"ROI {name}: a contour at {k_values.mean() * volume.spacing[2]:.2f} mm "
+                    "along the normal lies on no image slice"
+                )
+            rr, cc = fill_polygon(ijk[:, 1], ijk[:, 0], shape=(rows, cols))
+            plane = np.zeros((rows, cols), dtype=bool)
+            plane[rr, cc] = True
+            mask[k] ^= plane
+        color = tuple(int(c) for c in roi_contour.get("ROIDisplayColor", [255, 0, 0]))
+        structures.append(
+            Structure(
+                name=name,
+                mask=mask,
+                color=color,  # type: ignore[arg-type]
+                interpreted_type=types.get(number, "") or "ORGAN",
+                description=str(roi.get("ROIGenerationDescription", "")) if roi else "",
+                algorithm=str(roi.get("ROIGenerationAlgorithm", "")) if roi else "",
+                number=number,
+            )
+        )
+    return structures, info
