@@ -146,6 +146,7 @@ class Store:
                 )
             else:
                 study.last_received = max(study.last_received, now)
+                study.completed_at = None  # a late series is matched again
             series = s.get(Series, rec.series_instance_uid)
             if series is None:
                 s.add(
@@ -166,6 +167,7 @@ class Store:
             else:
                 series.instance_count += 1
                 series.last_received = max(series.last_received, now)
+                series.completed_at = None
             s.add(
                 Instance(
                     sop_uid=rec.sop_instance_uid,
@@ -274,8 +276,12 @@ class Store:
         input_series: Sequence[str],
         step_ids: Sequence[tuple[str, str]],
         jobs_dir: Path,
+        work_dir: Path | None = None,
     ) -> Job | None:
-        """Create a job with its steps pending; None when this job already exists."""
+        """Create a job with its steps pending; None when this job already exists.
+
+        Its working folder is ``jobs_dir/<job id>`` unless ``work_dir`` is given.
+        """
         job_id = uuid.uuid4().hex
         now = time.time()
         try:
@@ -294,7 +300,7 @@ class Store:
                     series_uid=series_uid,
                     input_series=list(input_series),
                     status="pending",
-                    work_dir=str(jobs_dir / job_id),
+                    work_dir=str(work_dir or jobs_dir / job_id),
                     created_at=now,
                 )
                 s.add(job)

@@ -1,0 +1,448 @@
+"""The ``rtauto`` command line.
+
+Every command that reads state takes ``--config`` (the daemon configuration file) and
+``--home`` (the folder that holds all state); ``RTAUTO_CONFIG`` and ``RTAUTO_HOME`` set them
+from the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rtauto import __version__
+from rtauto.config import Settings, load_settings
+from rtauto.errors import ConfigError, IngestError, RtautoError, WorkflowError
+
+app = typer.Typer(
+    name="rtauto",
+    help="rtauto: DICOM ingest, YAML workflows and pluggable steps for radiotherapy.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", envvar="RTAUTO_CONFIG", help="daemon configuration (YAML)"),
+]
+HomeOpt = Annotated[
+    Path | None, typer.Option("--home", envvar="RTAUTO_HOME", help="folder for all state")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+def _die(message: str, code: int = 2) -> None:
+    typer.echo(message, err=True)
+    raise typer.Exit(code)
+
+
+def _settings(config: Path | None, home: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, home=str(home) if home else None, **overrides)
+    except ConfigError as exc:
+        _die(f"rtauto: invalid configuration:\n{exc}")
+        raise  # unreachable
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _host(settings: Settings | None = None) -> Any:
+    from rtauto.hooks import build_plugin_manager
+
+    return build_plugin_manager(settings)
+
+
+def _store(settings: Settings, migrate: bool = True) -> Any:
+    from rtauto.store import Store
+
+    return Store(settings.database_url, migrate=migrate)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rtauto {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="show the version")
+    ] = False,
+) -> None:
+    """rtauto command line."""
+
+
+# --------------------------------------------------------------------------------------------
+# serve
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+    port: Annotated[int | None, typer.Option(help="storage SCP port (0: any free)")] = None,
+    ae_title: Annotated[str | None, typer.Option("--ae-title", help="storage SCP AE")] = None,
+    workflows: Annotated[Path | None, typer.Option(help="workflows folder")] = None,
+    watch: Annotated[
+        list[Path] | None, typer.Option(help="drop folder to watch (repeatable)")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+) -> None:
+    """Run the daemon: storage SCP, drop folders, workflows, jobs, routing."""
+    overrides: dict[str, Any] = {
+        "scp.port": port,
+        "scp.ae_title": ae_title,
+        "workflows_dir": str(workflows) if workflows else None,
+        "log_level": log_level,
+    }
+    if watch:
+        overrides["watch"] = [{"path": str(p)} for p in watch]
+    settings = _settings(config, home, **overrides)
+    _logging(settings.log_level)
+    from rtauto.daemon import Daemon
+
+    try:
+        Daemon(settings).serve_forever()
+    except RtautoError as exc:
+        _die(f"rtauto: {exc}", 1)
+
+
+# --------------------------------------------------------------------------------------------
+# run
+# --------------------------------------------------------------------------------------------
+
+
+def _collect_files(inputs: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith("."))
+        elif item.is_file():
+            files.append(item)
+        else:
+            _die(f"rtauto run: {item}: no such file or folder")
+    return files
+
+
+def job_summary(store: Any, job_id: str) -> dict[str, Any]:
+    """The summary ``rtauto run --json`` and ``rtauto jobs --json`` print for a job."""
+    job = store.get_job(job_id)
+    steps = {s.step_id: s for s in store.steps_of(job.id)}
+    order = [s.step_id for s in steps.values()]
+    try:
+        import yaml
+
+        order = [s["id"] for s in yaml.safe_load(job.workflow_text)["steps"]]
+    except Exception:
+        pass
+    return {
+        "job": job.id,
+        "status": job.status,
+        "workflow": job.workflow_name,
+        "workflow_hash": job.workflow_hash,
+        "study_instance_uid": job.study_uid,
+        "series_instance_uid": job.series_uid,
+        "work_dir": job.work_dir,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "error": job.error,
+        "steps": [
+            {
+                "id": sid,
+                "uses": steps[sid].uses,
+                "outcome": steps[sid].status,
+                "attempts": steps[sid].attempts,
+                "outputs": steps[sid].outputs or {},
+                "summary": steps[sid].summary,
+                "error": steps[sid].error,
+                "plugin": steps[sid].plugin,
+                "plugin_version": steps[sid].plugin_version,
+                "artifacts": [a.path for a in store.artifacts_of(job.id, sid)],
+            }
+            for sid in order
+            if sid in steps
+        ],
+        "deliveries": [
+            {
+                "step": d.step_id,
+                "destination": d.destination,
+                "item": d.item_key,
+                "status": d.status,
+                "attempts": d.attempts,
+                "error": d.last_error,
+            }
+            for d in store.deliveries_of(job.id)
+        ],
+    }
+
+
+def _print_job(summary: dict[str, Any]) -> None:
+    typer.echo(
+        f"job {summary['job']}  {summary['workflow']}  {summary['status'].upper()}"
+        + (f"  ({summary['error']})" if summary.get("error") else "")
+    )
+    for step in summary["steps"]:
+        line = f"  {step['id']:<16} {step['uses']:<28} {step['outcome']}"
+        if step.get("outputs", {}).get("outcome"):
+            line += f" [{step['outputs']['outcome']}]"
+        if step.get("error"):
+            line += f"  {step['error'].splitlines()[0]}"
+        elif step.get("summary"):
+            line += f"  {step['summary']}"
+        typer.echo(line)
+        for path in step["artifacts"]:
+            typer.echo(f"      -> {path}")
+
+
+@app.command()
+def run(
+    workflow: Annotated[Path, typer.Argument(help="workflow YAML file")],
+    inputs: Annotated[list[Path], typer.Argument(help="DICOM files or folders")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the job's outputs")],
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+    log_level: Annotated[str, typer.Option("--log-level")] = "WARNING",
+) -> None:
+    """Run one workflow once on files or folders, with the daemon's engine but no daemon."""
+    from rtauto.engine.engine import Engine
+    from rtauto.ingest.assembler import create_job_for
+    from rtauto.ingest.spool import Spool
+    from rtauto.uids import set_uid_root
+    from rtauto.workflow import load_workflow
+
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    settings = _settings(config, home if home else (out / ".rtauto" if not config else None))
+    settings = settings.model_copy(update={"scp": settings.scp.model_copy(update={"enabled": False})})
+    _logging(log_level)
+    set_uid_root(settings.uid_root)
+    host = _host(settings)
+    for name, reason in host.failures.items():
+        typer.echo(f"warning: plugin {name} is disabled: {reason.strip().splitlines()[-1]}", err=True)
+    try:
+        loaded = load_workflow(workflow, host.steps, known_destinations=set(settings.destinations))
+    except WorkflowError as exc:
+        _die("\n".join(exc.problems))
+    settings.ensure_dirs()
+    store = _store(settings)
+    spool = Spool(settings)
+    series: list[str] = []
+    study_uid = None
+    refused = 0
+    for path in _collect_files(inputs):
+        try:
+            record = spool.ingest_file(path, source="run")
+        except IngestError as exc:
+            refused += 1
+            typer.echo(f"refused {path}: {exc.reason} (quarantined)", err=True)
+            continue
+        store.record_instance(record)
+        study_uid = study_uid or record.study_instance_uid
+        if record.series_instance_uid not in series:
+            series.append(record.series_instance_uid)
+    if not series:
+        _die("rtauto run: no DICOM instance could be read from the inputs")
+    job = create_job_for(
+        store,
+        settings,
+        loaded,
+        scope="study" if len(series) > 1 else "series",
+        study_uid=study_uid,
+        series_uid=series[0] if len(series) == 1 else None,
+        input_series=series,
+        key_series=series,
+        dedupe_key=f"run:{uuid.uuid4().hex}",
+        work_dir=out / "job",
+    )
+    warm = sorted({s.uses for s in loaded.workflow.steps})
+    engine = Engine(settings, store, host, warm=warm)
+    try:
+        engine.run_until_done([job.id])
+    finally:
+        engine.close()
+    summary = job_summary(store, job.id)
+    summary["refused_inputs"] = refused
+    (out / "job.json").write_text(json.dumps(summary, indent=2))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        _print_job(summary)
+        typer.echo(f"outputs in {out / 'job'}")
+    raise typer.Exit(0 if summary["status"] == "ok" else 1)
+
+
+# --------------------------------------------------------------------------------------------
+# validate, schema, plugins
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="workflow files or folders")],
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Check workflow files: prints file:line:column: message for each problem."""
+    from rtauto.workflow import validate_paths
+
+    settings = _settings(config, home)
+    host = _host(settings)
+    problems = validate_paths(files, host.steps, known_destinations=set(settings.destinations))
+    for line in problems:
+        typer.echo(line)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{len(files)} path(s) valid")
+
+
+@app.command()
+def schema(
+    what: Annotated[str, typer.Argument(help="workflow | config")] = "workflow",
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Print the JSON Schema of workflow files (with every installed step's params) or of the
+    daemon configuration, for editors."""
+    if what == "workflow":
+        from rtauto.workflow import workflow_json_schema
+
+        settings = _settings(config, home)
+        typer.echo(json.dumps(workflow_json_schema(_host(settings).steps), indent=2))
+    elif what == "config":
+        typer.echo(json.dumps(Settings.model_json_schema(), indent=2))
+    else:
+        _die(f"rtauto schema: unknown schema {what!r} (workflow, config)")
+
+
+@app.command()
+def plugins(config: ConfigOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """List loaded plugins, their steps and destination types, and plugins that failed."""
+    settings = _settings(config, home)
+    host = _host(settings)
+    data = {
+        "plugins": [
+            {
+                "name": p.name,
+                "version": p.version,
+                "module": p.module,
+                "distribution": p.distribution,
+                "builtin": p.builtin,
+                "hooks": list(p.hooks),
+            }
+            for p in host.plugins.values()
+        ],
+        "steps": {
+            name: {"plugin": r.plugin, "version": r.plugin_version,
+                   "description": r.step_type.description}
+            for name, r in sorted(host.steps.items())
+        },
+        "destination_types": sorted(host.destination_types),
+        "model_backends": sorted(host.model_backends),
+        "failures": host.failures,
+    }
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    for p in data["plugins"]:
+        kind = "built-in" if p["builtin"] else p["distribution"]
+        typer.echo(f"{p['name']} {p['version']} ({kind})")
+    typer.echo("steps:")
+    for name, s in data["steps"].items():
+        typer.echo(f"  {name:<32} {s['plugin']} {s['version']}  {s['description']}")
+    typer.echo("destination types: " + ", ".join(data["destination_types"]))
+    if data["model_backends"]:
+        typer.echo("model backends: " + ", ".join(data["model_backends"]))
+    for name, reason in data["failures"].items():
+        typer.echo(f"FAILED {name}: {reason.strip()}", err=True)
+
+
+# --------------------------------------------------------------------------------------------
+# jobs, replay
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def jobs(
+    job_id: Annotated[str | None, typer.Argument(help="show one job")] = None,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+    status: Annotated[str | None, typer.Option(help="pending, running, ok or fail")] = None,
+    limit: Annotated[int, typer.Option(help="most recent N jobs")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """List jobs (newest first), or show one job with its steps, artifacts and deliveries."""
+    settings = _settings(config, home)
+    store = _store(settings)
+    if job_id:
+        job = store.get_job(job_id)
+        if job is None:
+            _die(f"rtauto jobs: no job {job_id}", 1)
+        summaries = [job_summary(store, job.id)]
+    else:
+        rows = store.list_jobs([status] if status else None, limit=limit)
+        summaries = [job_summary(store, j.id) for j in rows]
+    if as_json:
+        typer.echo(json.dumps(summaries[0] if job_id else summaries, indent=2))
+        return
+    if not summaries:
+        typer.echo("no jobs")
+    for summary in summaries:
+        if job_id:
+            _print_job(summary)
+        else:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary["created_at"]))
+            typer.echo(f"{summary['job'][:12]}  {when}  {summary['status']:<8} {summary['workflow']}")
+
+
+@app.command()
+def replay(
+    job_id: Annotated[str, typer.Argument(help="the job whose deliveries to send again")],
+    to: Annotated[str | None, typer.Option("--to", help="another destination name")] = None,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Deliver a job's results again (to the same destinations, or to --to)."""
+    from rtauto.route.replay import replay_job
+
+    settings = _settings(config, home)
+    store = _store(settings)
+    host = _host(settings)
+    job = store.get_job(job_id)
+    if job is None:
+        _die(f"rtauto replay: no job {job_id}", 1)
+    try:
+        rows = replay_job(store, settings, host, job.id, destination=to)
+    except RtautoError as exc:
+        _die(f"rtauto replay: {exc}", 1)
+    failed = 0
+    for row in rows:
+        status = getattr(row, "status", None) or row.get("status")
+        failed += status != "delivered"
+        typer.echo(f"{status:<10} {getattr(row, 'destination', '')}  {getattr(row, 'path', '')}")
+    raise typer.Exit(1 if failed else 0)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

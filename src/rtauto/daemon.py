@@ -1,0 +1,164 @@
+"""The rtauto daemon: ingest (SCP + drop folders), assembler, engine, hot reload, in one process
+tree. ``rtauto serve`` runs it until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rtauto import __version__
+from rtauto.config import Settings
+from rtauto.engine.engine import Engine
+from rtauto.hooks import PluginHost, build_plugin_manager
+from rtauto.ingest.assembler import Assembler
+from rtauto.store import Store
+from rtauto.uids import set_uid_root
+from rtauto.workflow.library import WorkflowLibrary
+
+log = logging.getLogger("rtauto.daemon")
+
+STATE_FILE = "daemon.json"
+
+
+class Daemon:
+    """Everything ``rtauto serve`` runs. ``start()`` returns once the SCP accepts associations."""
+
+    def __init__(self, settings: Settings, host: PluginHost | None = None):
+        self.settings = settings
+        self.host = host or build_plugin_manager(settings)
+        self.store: Store | None = None
+        self.engine: Engine | None = None
+        self.library: WorkflowLibrary | None = None
+        self.assembler: Assembler | None = None
+        self.scp: Any = None
+        self.watcher: Any = None
+        self.scp_port: int | None = None
+        self._stop = threading.Event()
+        self._loop: threading.Thread | None = None
+        self._last_reload = 0.0
+        self.last_tick = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        from rtauto.ingest.scp import StorageSCP
+        from rtauto.ingest.spool import Spool
+        from rtauto.ingest.watcher import FolderWatcher
+
+        settings = self.settings
+        settings.ensure_dirs()
+        set_uid_root(settings.uid_root)
+        for name, reason in self.host.failures.items():
+            log.error("plugin %s is disabled: %s", name, reason.strip().splitlines()[-1])
+        self.store = Store(settings.database_url, migrate=True)
+        recovered = Spool(settings).reconcile(self.store)
+        if recovered:
+            log.info("indexed %d instance(s) found in the spool after an unclean stop", recovered)
+        self.library = WorkflowLibrary(
+            settings.workflows_dir,
+            steps_provider=lambda: self.host.steps,
+            known_destinations=lambda: set(settings.destinations),
+        )
+        for message in self.library.refresh():
+            log.info("%s", message)
+        self.engine = Engine(settings, self.store, self.host)
+        resumed = self.engine.recover()
+        if resumed:
+            log.info("%d step(s) interrupted by the last stop will run again", resumed)
+        self.engine.pool.prestart()
+        self.assembler = Assembler(settings, self.store, self.host, lambda: self.library.workflows)
+        if settings.scp.enabled:
+            self.scp = StorageSCP(settings, settings.database_url)
+            self.scp_port = self.scp.start()
+            log.info("storage SCP %s listening on %s:%s", settings.scp.ae_title,
+                     settings.scp.host, self.scp_port)
+        if settings.watch:
+            self.watcher = FolderWatcher(settings, settings.database_url)
+            self.watcher.start()
+            for folder in settings.watch:
+                log.info("watching %s (settle %.1f s)", folder.path, folder.settle_seconds)
+        self._write_state()
+        self._loop = threading.Thread(target=self._run_loop, name="rtauto-loop", daemon=True)
+        self._loop.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.scp is not None:
+            self.scp.stop()
+        if self._loop is not None:
+            self._loop.join(timeout=30)
+        if self.engine is not None:
+            self.engine.close(wait=False)
+        if self.store is not None:
+            self.store.close()
+        state = self.settings.home / STATE_FILE
+        state.unlink(missing_ok=True)
+
+    def serve_forever(self) -> None:
+        """Start, then run until SIGTERM/SIGINT."""
+        stop = threading.Event()
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("received %s: stopping", signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _write_state(self) -> None:
+        state = {
+            "pid": os.getpid(),
+            "version": __version__,
+            "ae_title": self.settings.scp.ae_title,
+            "host": self.settings.scp.host,
+            "port": self.scp_port,
+            "home": str(self.settings.home),
+            "store_url": self.settings.database_url,
+            "started_at": time.time(),
+        }
+        path = self.settings.home / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, path)
+
+    def _run_loop(self) -> None:
+        poll = self.settings.executor.poll_seconds
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("error in the scheduling loop (continuing)")
+            self.engine.wait_for_change(poll)
+
+    def tick(self) -> None:
+        now = time.time()
+        if now - self._last_reload >= 1.0:
+            self._last_reload = now
+            for message in self.library.refresh():
+                log.info("%s", message)
+        self.assembler.tick(now)
+        self.engine.tick()
+        self.last_tick = now
+
+
+def read_state(home: Path) -> dict[str, Any] | None:
+    """The running daemon's state file (pid, port), or None."""
+    try:
+        return json.loads((home / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,228 @@
+"""The worker process: runs one step at a time, with the plugins as installed when it started.
+
+The daemon talks to a worker over a pipe: it sends a task (a JSON-able dict), the worker
+answers with the step's result. A fresh worker builds its own plugin manager, so a plugin or
+model upgraded on disk is used by the next worker; the pool recycles workers when the
+installed plugins change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Mapping
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from rtauto.errors import StepFailed, StepRetry
+
+log = logging.getLogger("rtauto.worker")
+
+
+def _study_from_json(data: Mapping[str, Any]) -> Any:
+    from rtauto.steps import InputInstance, InputSeries, StudyInputs
+
+    return StudyInputs(
+        study_instance_uid=data["study_instance_uid"],
+        patient_id=data["patient_id"],
+        series=tuple(
+            InputSeries(
+                series_instance_uid=s["series_instance_uid"],
+                study_instance_uid=s["study_instance_uid"],
+                modality=s["modality"],
+                attributes=s.get("attributes") or {},
+                instances=tuple(
+                    InputInstance(
+                        sop_instance_uid=i["sop_instance_uid"],
+                        sop_class_uid=i["sop_class_uid"],
+                        series_instance_uid=s["series_instance_uid"],
+                        path=Path(i["path"]),
+                    )
+                    for i in s["instances"]
+                ),
+            )
+            for s in data["series"]
+        ),
+    )
+
+
+def _previous_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
+    from rtauto.steps import Artifact, PreviousStep
+
+    return {
+        sid: PreviousStep(
+            step_id=sid,
+            status=p["status"],
+            outputs=p.get("outputs") or {},
+            artifacts=tuple(Artifact.from_json(a) for a in p.get("artifacts", [])),
+        )
+        for sid, p in data.items()
+    }
+
+
+class StepLogHandler(logging.FileHandler):
+    """Writes a step's log records into its working folder (step.log)."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, encoding="utf-8")
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+
+def run_task(host: Any, task: Mapping[str, Any]) -> dict[str, Any]:
+    """Run one step task in this process and return its result (never raises)."""
+    from pydantic import ValidationError
+
+    from rtauto.config import Destination, Settings
+    from rtauto.steps import Provenance, StepContext, StepResult
+    from rtauto.uids import set_uid_root
+
+    uses = task["uses"]
+    registered = host.steps.get(uses)
+    base = {"plugin": "", "plugin_version": "", "outputs": {}, "artifacts": [], "summary": ""}
+    if registered is None:
+        reason = host.failures.get(uses.split(".")[0])
+        why = f": plugin failed to load: {reason.splitlines()[0]}" if reason else ""
+        return {**base, "status": "fail", "error": f"step type {uses!r} is not available{why}"}
+    base["plugin"], base["plugin_version"] = registered.plugin, registered.plugin_version
+    step_type = registered.step_type
+
+    workdir = Path(task["workdir"])
+    workdir.mkdir(parents=True, exist_ok=True)
+    handler = StepLogHandler(workdir / "step.log")
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        try:
+            params = step_type.params.model_validate(task["params"])
+        except ValidationError as exc:
+            return {**base, "status": "fail", "error": f"invalid params for {uses}: {exc}"}
+        settings = Settings.model_validate(task["settings"])
+        set_uid_root(settings.uid_root)
+        provenance = Provenance(
+            rtauto_version=task["rtauto_version"],
+            workflow_name=task["workflow_name"],
+            workflow_hash=task["workflow_hash"],
+            job_id=task["job_id"],
+            step_id=task["step_id"],
+            step_type=uses,
+            plugin_name=registered.plugin,
+            plugin_version=registered.plugin_version,
+        )
+        ctx = StepContext(
+            job_id=task["job_id"],
+            step_id=task["step_id"],
+            step_type=uses,
+            attempt=task["attempt"],
+            workdir=workdir,
+            job_dir=Path(task["job_dir"]),
+            study=_study_from_json(task["study"]),
+            previous=_previous_from_json(task["previous"]),
+            provenance=provenance,
+            settings=settings,
+            destinations={
+                name: Destination.model_validate(d) for name, d in task["destinations"].items()
+            },
+            logger=logging.getLogger(f"rtauto.step.{task['step_id']}"),
+            store_url=task.get("store_url"),
+            max_attempts=task.get("max_attempts", 1),
+        )
+        try:
+            returned = step_type.run(ctx, params)
+        except StepRetry as exc:
+            return {**base, "status": "retry", "error": str(exc), "retry_after": exc.after}
+        except StepFailed as exc:
+            return {**base, "status": "fail", "error": str(exc)}
+        except Exception as exc:
+            ctx.logger.error("step raised:\n%s", traceback.format_exc())
+            return {
+                **base,
+                "status": "fail",
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(),
+            }
+        if returned is None:
+            result = StepResult()
+        elif isinstance(returned, StepResult):
+            result = returned
+        elif isinstance(returned, Mapping):
+            result = StepResult(outputs=dict(returned))
+        else:
+            return {
+                **base,
+                "status": "fail",
+                "error": f"step {uses} returned {type(returned).__name__}, not a StepResult",
+            }
+        artifacts = []
+        for artifact in [*ctx.artifacts, *[a for a in result.artifacts if a not in ctx.artifacts]]:
+            data = artifact.to_json()
+            data["sha256"] = artifact.sha256()
+            artifacts.append(data)
+        return {
+            **base,
+            "status": "ok",
+            "outputs": result.outputs,
+            "summary": result.summary,
+            "artifacts": artifacts,
+            "error": None,
+        }
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to kill this worker when the daemon dies (Linux), so none is orphaned."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def worker_main(conn: Connection, settings_json: dict[str, Any], warm: list[str] | None) -> None:
+    """Entry point of a worker process."""
+    _exit_with_parent(settings_json.get("_parent_pid", os.getppid()))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when workers stop
+    from rtauto.config import Settings
+    from rtauto.hooks import build_plugin_manager
+
+    settings_json = {k: v for k, v in settings_json.items() if not k.startswith("_")}
+    settings = Settings.model_validate(settings_json)
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    host = build_plugin_manager(settings)
+    warmed = []
+    for name, registered in host.steps.items():
+        if registered.step_type.warmup is None or (warm is not None and name not in warm):
+            continue
+        try:
+            registered.step_type.warmup()
+            warmed.append(name)
+        except Exception:
+            log.exception("warm-up of step %s failed (the step will load on first use)", name)
+    conn.send({"ready": True, "pid": os.getpid(), "warmed": warmed})
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        try:
+            result = run_task(host, task)
+        except BaseException as exc:  # keep the worker answering whatever a plugin does
+            result = {"status": "fail", "error": f"worker error: {exc!r}", "outputs": {},
+                      "artifacts": [], "summary": "", "plugin": "", "plugin_version": ""}
+        try:
+            conn.send(result)
+        except (BrokenPipeError, OSError):
+            return
