@@ -1,0 +1,455 @@
+"""The spool: where every accepted instance is written durably, once, under validated UIDs.
+
+Layout under ``settings.spool_dir``::
+
+    <StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   accepted instances
+    .incoming/                                                      temporary files
+
+An instance is accepted only when its header parses to the end of the data (nothing truncated)
+and its SOP Class, SOP Instance, Study and Series Instance UIDs are present and valid UIDs; the
+path is built from those UIDs only. Writing is temp file, write, ``fdatasync``, hard link into
+place (which never replaces an existing file), ``fsync`` of the folder: when an ingest call
+returns, the instance survives a crash or power loss.
+
+Refused input is copied into ``settings.quarantine_dir`` as ``<uuid>.bin`` with ``<uuid>.json``
+(reason, source, calling/called AE, time, original name) and :class:`RefusedInstance` (an
+:class:`~rtauto.errors.IngestError`) is raised.
+
+Re-sent instances: the same SOP Instance UID with the same data set bytes and transfer syntax
+is accepted again without a second file (idempotent). The same SOP Instance UID with different
+content is refused and quarantined with reason "duplicate SOPInstanceUID with different
+content": received data is never altered, so the first version stays in the spool.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rtauto.config import Settings
+from rtauto.errors import IngestError
+from rtauto.ingest.header import (
+    IMPLEMENTATION_CLASS_UID,
+    DatasetLayout,
+    HeaderError,
+    build_file_meta,
+    guess_raw_encoding,
+    header_attributes,
+    read_file_meta,
+    scan_dataset,
+    uid_value,
+)
+from rtauto.store import InstanceRecord, Store
+from rtauto.uids import is_valid_uid
+
+__all__ = [
+    "STATUS_CANNOT_UNDERSTAND",
+    "STATUS_DATASET_MISMATCH",
+    "STATUS_DUPLICATE_CONFLICT",
+    "RefusedInstance",
+    "Spool",
+]
+
+log = logging.getLogger("rtauto.ingest")
+
+# C-STORE failure statuses (PS3.4 B.2.3) that a refusal maps to.
+STATUS_DATASET_MISMATCH = 0xA900  # data set does not match SOP class / required UIDs
+STATUS_CANNOT_UNDERSTAND = 0xC000  # not DICOM, truncated, malformed
+STATUS_DUPLICATE_CONFLICT = 0xC001  # same SOP Instance UID, different content
+
+_REQUIRED_UIDS = (
+    (0x00080016, "SOPClassUID"),
+    (0x00080018, "SOPInstanceUID"),
+    (0x0020000D, "StudyInstanceUID"),
+    (0x0020000E, "SeriesInstanceUID"),
+)
+
+
+class RefusedInstance(IngestError):
+    """An instance was refused and quarantined. ``status`` is the C-STORE failure status and
+    ``quarantined`` the quarantined copy."""
+
+    def __init__(self, reason: str, status: int, quarantined: Path | None = None):
+        super().__init__(reason)
+        self.status = status
+        self.quarantined = quarantined
+
+
+class _Invalid(Exception):
+    def __init__(self, reason: str, status: int):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
+def _text(value: str, limit: int = 80) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+class Spool:
+    """Durable, validated storage of received instances (see the module docstring)."""
+
+    def __init__(self, settings: Settings):
+        settings.ensure_dirs()
+        self.settings = settings
+        self.spool_dir = Path(settings.spool_dir)
+        self.incoming_dir = Path(settings.incoming_dir)
+        self.quarantine_dir = Path(settings.quarantine_dir)
+
+    # -- public --------------------------------------------------------------------------------
+    def ingest_encoded(
+        self,
+        encoded: bytes | memoryview,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        source: str,
+        calling_ae: str = "",
+        called_ae: str = "",
+    ) -> InstanceRecord:
+        """Store a data set received over the network (no file meta) behind a file meta header
+        naming rtauto and the calling AE. ``sop_class_uid``/``sop_instance_uid`` are those of
+        the C-STORE request; the data set must carry the same ones.
+
+        Raises :class:`RefusedInstance` after quarantining what was refused.
+        """
+        original = f"C-STORE {sop_instance_uid} from {calling_ae or '?'}"
+        try:
+            meta = build_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
+        except HeaderError:
+            meta = b""
+        try:
+            layout, uids = self._validate(encoded, transfer_syntax)
+            if uids["SOPInstanceUID"] != sop_instance_uid:
+                raise _Invalid(
+                    f"SOPInstanceUID {_text(uids['SOPInstanceUID'])} in the data set differs"
+                    f" from {_text(sop_instance_uid)} in the C-STORE request",
+                    STATUS_DATASET_MISMATCH,
+                )
+            if uids["SOPClassUID"] != sop_class_uid:
+                raise _Invalid(
+                    f"SOPClassUID {_text(uids['SOPClassUID'])} in the data set differs from"
+                    f" {_text(sop_class_uid)} in the C-STORE request",
+                    STATUS_DATASET_MISMATCH,
+                )
+        except _Invalid as bad:
+            raise self._refuse(
+                [meta, encoded], bad, source, calling_ae, called_ae, original
+            ) from None
+        return self._accept(
+            meta, encoded, layout, uids, transfer_syntax, source, calling_ae, called_ae, original
+        )
+
+    def ingest_file(self, path: Path, *, source: str = "folder") -> InstanceRecord:
+        """Copy a DICOM file into the spool (the original is never moved or modified).
+
+        A file with a Part 10 header is stored byte for byte; a bare data set (no ``DICM``
+        prefix, little endian) is stored behind a file meta header built by rtauto.
+        Raises :class:`RefusedInstance` after quarantining the file.
+        """
+        path = Path(path)
+        data = path.read_bytes()
+        view = memoryview(data)
+        original = str(path)
+        try:
+            try:
+                file_meta = read_file_meta(view)
+            except HeaderError as exc:
+                raise _Invalid(f"not DICOM: {exc}", STATUS_CANNOT_UNDERSTAND) from None
+            if file_meta is None:
+                transfer_syntax = guess_raw_encoding(view)
+                if transfer_syntax is None:
+                    raise _Invalid(
+                        "not DICOM: no 'DICM' prefix and no data set at the start of the file",
+                        STATUS_CANNOT_UNDERSTAND,
+                    )
+                meta, dataset = b"", view
+            else:
+                transfer_syntax = file_meta.transfer_syntax
+                meta, dataset = view[: file_meta.dataset_offset], view[file_meta.dataset_offset :]
+            layout, uids = self._validate(dataset, transfer_syntax)
+            if file_meta is not None:
+                stated = file_meta.values.get(0x00020003, "")
+                if stated and stated != uids["SOPInstanceUID"]:
+                    raise _Invalid(
+                        f"MediaStorageSOPInstanceUID {_text(stated)} differs from the data"
+                        f" set's SOPInstanceUID {_text(uids['SOPInstanceUID'])}",
+                        STATUS_DATASET_MISMATCH,
+                    )
+            else:
+                meta = build_file_meta(uids["SOPClassUID"], uids["SOPInstanceUID"], transfer_syntax)
+        except _Invalid as bad:
+            raise self._refuse([view], bad, source, "", "", original) from None
+        return self._accept(meta, dataset, layout, uids, transfer_syntax, source, "", "", original)
+
+    def reconcile(self, store: Store, stale_seconds: float = 60.0) -> int:
+        """Index spool files the store does not know (a crash between the durable write and
+        the index row) and delete temporary files older than ``stale_seconds``.
+
+        Call it before receivers start. Returns the number of instances indexed. The source of
+        a recovered instance is ``scp`` (calling AE from the file meta header) when rtauto
+        wrote its header, ``folder`` otherwise.
+        """
+        now = time.time()
+        for tmp in self.incoming_dir.iterdir():
+            try:
+                if tmp.is_file() and now - tmp.stat().st_mtime >= stale_seconds:
+                    tmp.unlink()
+            except FileNotFoundError:
+                continue
+        known = store.instance_paths()
+        indexed = 0
+        for study_dir in sorted(self.spool_dir.iterdir()):
+            if not (study_dir.is_dir() and is_valid_uid(study_dir.name)):
+                continue
+            for series_dir in sorted(study_dir.iterdir()):
+                if not (series_dir.is_dir() and is_valid_uid(series_dir.name)):
+                    continue
+                for file in sorted(series_dir.glob("*.dcm")):
+                    rel = f"{study_dir.name}/{series_dir.name}/{file.name}"
+                    if rel in known:
+                        continue
+                    record = self._record_from_spool_file(file, rel)
+                    if record is not None and store.record_instance(record):
+                        indexed += 1
+        if indexed:
+            log.warning("reconcile: indexed %d spool instance(s) missing from the store", indexed)
+        return indexed
+
+    def path_of(self, record: InstanceRecord) -> Path:
+        """Absolute path of an instance in the spool."""
+        return self.spool_dir / record.path
+
+    # -- validation ----------------------------------------------------------------------------
+    def _validate(
+        self, dataset: bytes | memoryview, transfer_syntax: str
+    ) -> tuple[DatasetLayout, dict[str, str]]:
+        if not is_valid_uid(transfer_syntax):
+            raise _Invalid(
+                f"transfer syntax {_text(transfer_syntax)} is not a valid UID",
+                STATUS_CANNOT_UNDERSTAND,
+            )
+        try:
+            layout = scan_dataset(dataset, transfer_syntax)
+        except HeaderError as exc:
+            reason = str(exc)
+            if not reason.startswith(("truncated", "not DICOM")):
+                reason = f"not DICOM: {reason}"
+            raise _Invalid(reason, STATUS_CANNOT_UNDERSTAND) from None
+        uids: dict[str, str] = {}
+        for tag, keyword in _REQUIRED_UIDS:
+            value = uid_value(layout, tag)
+            if not value:
+                raise _Invalid(
+                    f"missing {keyword} ({tag >> 16:04X},{tag & 0xFFFF:04X})",
+                    STATUS_DATASET_MISMATCH,
+                )
+            if not is_valid_uid(value):
+                raise _Invalid(
+                    f"{keyword} {_text(value)} is not a valid DICOM UID", STATUS_DATASET_MISMATCH
+                )
+            uids[keyword] = value
+        return layout, uids
+
+    # -- writing -------------------------------------------------------------------------------
+    def _accept(
+        self,
+        meta: bytes | memoryview,
+        dataset: bytes | memoryview,
+        layout: DatasetLayout,
+        uids: dict[str, str],
+        transfer_syntax: str,
+        source: str,
+        calling_ae: str,
+        called_ae: str,
+        original: str,
+    ) -> InstanceRecord:
+        study, series, sop = (
+            uids["StudyInstanceUID"],
+            uids["SeriesInstanceUID"],
+            uids["SOPInstanceUID"],
+        )
+        rel = f"{study}/{series}/{sop}.dcm"
+        dest = self.spool_dir / rel
+        if not self._write_new(dest, [meta, dataset]):
+            kept = dest.read_bytes()
+            try:
+                kept_meta = read_file_meta(kept)
+            except HeaderError:
+                kept_meta = None
+            kept_dataset = kept[kept_meta.dataset_offset :] if kept_meta else b""
+            same_syntax = kept_meta is not None and kept_meta.transfer_syntax == transfer_syntax
+            if not (same_syntax and kept_dataset == dataset):
+                bad = _Invalid(
+                    f"duplicate SOPInstanceUID with different content: the first version is"
+                    f" kept at {rel}",
+                    STATUS_DUPLICATE_CONFLICT,
+                )
+                raise self._refuse([meta, dataset], bad, source, calling_ae, called_ae, original)
+            log.info("re-sent instance %s is already in the spool", sop)
+        return InstanceRecord(
+            sop_instance_uid=sop,
+            sop_class_uid=uids["SOPClassUID"],
+            series_instance_uid=series,
+            study_instance_uid=study,
+            patient_id=str(_attribute(layout, "PatientID")),
+            modality=str(_attribute(layout, "Modality")),
+            transfer_syntax=transfer_syntax,
+            path=rel,
+            size=dest.stat().st_size,
+            source=source,
+            calling_ae=calling_ae.strip(),
+            called_ae=called_ae.strip(),
+            attributes=header_attributes(layout),
+        )
+
+    def _write_new(self, dest: Path, parts: Sequence[bytes | memoryview]) -> bool:
+        """Write ``dest`` durably unless it exists; False when it already existed."""
+        if dest.exists():
+            return False
+        self._make_dirs(dest.parent)
+        tmp = self.incoming_dir / f"{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            _write_all(fd, parts)
+            os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        try:
+            # a hard link never replaces a file another receiver put there first
+            os.link(tmp, dest)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(dest.parent)
+        return True
+
+    def _make_dirs(self, series_dir: Path) -> None:
+        if series_dir.is_dir():
+            return
+        for folder in (series_dir.parent, series_dir):
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue
+            _fsync_dir(folder.parent)
+
+    def _refuse(
+        self,
+        parts: Sequence[bytes | memoryview],
+        bad: _Invalid,
+        source: str,
+        calling_ae: str,
+        called_ae: str,
+        original: str,
+    ) -> RefusedInstance:
+        name = uuid.uuid4().hex
+        data_path = self.quarantine_dir / f"{name}.bin"
+        reason_path = self.quarantine_dir / f"{name}.json"
+        record: dict[str, Any] = {
+            "reason": bad.reason,
+            "source": source,
+            "calling_ae": calling_ae.strip(),
+            "called_ae": called_ae.strip(),
+            "time": datetime.now(UTC).isoformat(),
+            "original_name": original,
+            "status": f"0x{bad.status:04X}",
+            "file": data_path.name,
+        }
+        self._write_durable(data_path, parts)
+        self._write_durable(reason_path, [json.dumps(record, indent=2).encode()])
+        _fsync_dir(self.quarantine_dir)
+        log.warning("quarantined %s from %s as %s: %s", original, source, name, bad.reason)
+        return RefusedInstance(bad.reason, bad.status, data_path)
+
+    def _write_durable(self, dest: Path, parts: Sequence[bytes | memoryview]) -> None:
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            _write_all(fd, parts)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest)
+
+    def _record_from_spool_file(self, file: Path, rel: str) -> InstanceRecord | None:
+        data = file.read_bytes()
+        try:
+            file_meta = read_file_meta(data)
+            if file_meta is None:
+                raise HeaderError("no file meta header")
+            layout, uids = self._validate(
+                data[file_meta.dataset_offset :], file_meta.transfer_syntax
+            )
+        except (HeaderError, _Invalid) as exc:
+            log.error("reconcile: spool file %s is unreadable (%s); left in place", rel, exc)
+            return None
+        expected = (
+            f"{uids['StudyInstanceUID']}/{uids['SeriesInstanceUID']}/{uids['SOPInstanceUID']}"
+        )
+        if rel != f"{expected}.dcm":
+            log.error("reconcile: spool file %s does not match its UIDs; left in place", rel)
+            return None
+        written_by_scp = file_meta.values.get(0x00020012) == IMPLEMENTATION_CLASS_UID and bool(
+            file_meta.values.get(0x00020016)
+        )
+        return InstanceRecord(
+            sop_instance_uid=uids["SOPInstanceUID"],
+            sop_class_uid=uids["SOPClassUID"],
+            series_instance_uid=uids["SeriesInstanceUID"],
+            study_instance_uid=uids["StudyInstanceUID"],
+            patient_id=str(_attribute(layout, "PatientID")),
+            modality=str(_attribute(layout, "Modality")),
+            transfer_syntax=file_meta.transfer_syntax,
+            path=rel,
+            size=len(data),
+            source="scp" if written_by_scp else "folder",
+            calling_ae=file_meta.values.get(0x00020016, "") if written_by_scp else "",
+            called_ae=self.settings.scp.ae_title if written_by_scp else "",
+            attributes=header_attributes(layout),
+            received_at=file.stat().st_mtime,
+        )
+
+
+_KEYWORD_TAGS = {"PatientID": 0x00100020, "Modality": 0x00080060}
+
+
+def _attribute(layout: DatasetLayout, keyword: str) -> str:
+    found = layout.elements.get(_KEYWORD_TAGS[keyword])
+    if found is None:
+        return ""
+    _vr, pos, length = found
+    if length > 64:
+        return ""
+    return bytes(layout.data[pos : pos + length]).decode("latin-1").strip("\x00 ")
