@@ -1,0 +1,125 @@
+"""DICOM Segmentation (SEG) output through highdicom, one segment per structure.
+
+The SEG references the source CT slices and their Frame of Reference exactly as highdicom
+derives them from the image headers; geometry therefore follows the images for any patient
+position. Empty structures are kept as segments without frames so the segment list matches
+the model's labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from rtauto.dicom.geometry import GeometryError, Volume
+from rtauto.dicom.rtstruct import Structure
+from rtauto.uids import new_uid
+
+__all__ = ["property_type_for", "write_seg"]
+
+# TG-263 names -> SNOMED CT segmented property types (CID 7166 / 7140); others: "Organ".
+_PROPERTY_TYPES = {
+    "BODY": Code("38266002", "SCT", "Entire body"),
+    "EXTERNAL": Code("38266002", "SCT", "Entire body"),
+    "LUNG_L": Code("44029006", "SCT", "Left lung"),
+    "LUNG_R": Code("3341006", "SCT", "Right lung"),
+    "LUNGS": Code("39607008", "SCT", "Lung"),
+    "HEART": Code("80891009", "SCT", "Heart"),
+    "SPINALCORD": Code("2748008", "SCT", "Spinal cord"),
+    "SPINE": Code("421060004", "SCT", "Vertebral column"),
+    "ESOPHAGUS": Code("32849002", "SCT", "Esophagus"),
+    "BRAINSTEM": Code("15926001", "SCT", "Brainstem"),
+    "BRAIN": Code("12738006", "SCT", "Brain"),
+    "LIVER": Code("10200004", "SCT", "Liver"),
+}
+
+
+def property_type_for(name: str) -> Code:
+    """The SNOMED CT code a segment named ``name`` (TG-263) is described by."""
+    return _PROPERTY_TYPES.get(name.upper(), codes.SCT.Organ)
+
+
+def write_seg(
+    volume: Volume,
+    structures: Sequence[Structure],
+    path: Path | str,
+    source_images: Sequence[Dataset] | None = None,
+    *,
+    algorithm_name: str = "rtauto",
+    algorithm_version: str = "0",
+    manufacturer: str = "rtauto",
+    model_name: str = "rtauto",
+    software_versions: Sequence[str] = ("rtauto",),
+    derivation_description: str = "",
+    series_description: str = "rtauto segmentation",
+    sop_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+) -> Dataset:
+    """Write a BINARY SEG of ``structures`` (masks on ``volume``'s grid); returns the dataset.
+
+    ``source_images`` defaults to ``volume.headers`` (slice order). ``derivation_description``
+    becomes the SEG's ContentDescription. New UIDs come from :func:`rtauto.uids.new_uid`.
+    """
+    images = list(source_images or volume.headers)
+    if len(images) != volume.shape[0]:
+        raise GeometryError("SEG needs one source image per slice of the volume")
+    if not structures:
+        raise ValueError("a SEG needs at least one structure")
+    labels = np.zeros(volume.shape, dtype=np.uint8 if len(structures) < 256 else np.uint16)
+    overlapping = False
+    for number, structure in enumerate(structures, start=1):
+        if structure.mask.shape != volume.shape:
+            raise ValueError(f"structure {structure.name}: mask shape is not the volume's")
+        overlapping |= bool((labels[structure.mask] > 0).any())
+        labels[structure.mask] = number
+    if overlapping:
+        # A label map cannot hold overlaps: stack one binary plane per segment instead.
+        pixel_array = np.stack([s.mask for s in structures], axis=-1).astype(np.uint8)
+    else:
+        pixel_array = labels
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=algorithm_name[:64],
+        family=codes.cid7162.ArtificialIntelligence,
+        version=algorithm_version[:64],
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=structure.name[:64],
+            segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=property_type_for(structure.name),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=new_uid(),
+            tracking_id=structure.name[:64],
+            display_color=hd.color.CIELabColor.from_rgb(*structure.color),
+        )
+        for number, structure in enumerate(structures, start=1)
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=images,
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_instance_uid or new_uid(),
+        series_number=9002,
+        sop_instance_uid=sop_instance_uid or new_uid(),
+        instance_number=1,
+        manufacturer=manufacturer,
+        manufacturer_model_name=model_name[:64],
+        software_versions=[v[:64] for v in software_versions],  # type: ignore[arg-type]
+        device_serial_number="0",
+        content_description=derivation_description[:64] or None,
+        content_label="RTAUTO",
+        omit_empty_frames=True,
+    )
+    seg.SeriesDescription = series_description[:64]
+    path = Path(path)
+    seg.save_as(path, enforce_file_format=True)
+    return seg
