@@ -123,6 +123,11 @@ class Settings(_Strict):
         default_factory=dict, description="per-plugin configuration blocks, by plugin name"
     )
     disabled_plugins: list[str] = Field(default_factory=list)
+    plugin_modules: dict[str, str] = Field(
+        default_factory=dict,
+        description="site plugins that are not packaged: name -> importable module "
+        "(e.g. {local_checks: my_site.checks}); loaded like entry-point plugins",
+    )
     log_level: str = "INFO"
 
     @field_validator("uid_root")

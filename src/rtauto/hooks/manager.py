@@ -389,7 +389,8 @@ def build_plugin_manager(
 
     Plugins, in plugin order: the built-ins, then the entry points of the ``rtauto`` group
     sorted by name (unless ``autoload`` is false or the environment variable
-    ``RTAUTO_DISABLE_PLUGIN_AUTOLOAD`` is set to a non-empty value), then ``extra_plugins``
+    ``RTAUTO_DISABLE_PLUGIN_AUTOLOAD`` is set to a non-empty value), then the site plugins of
+    ``settings.plugin_modules`` (name -> importable module, not packaged), then ``extra_plugins``
     (name -> module, ``"module[:attribute]"`` or object; used by tests). All go through the
     same path: import, register, check the hook names, configure, call the provider hooks.
     Plugins named in ``blocked`` or ``settings.disabled_plugins`` are skipped.
@@ -425,7 +426,8 @@ def build_plugin_manager(
                     source=ep.value,
                 )
             )
-    for name, target in (extra_plugins or {}).items():
+    site_modules = dict(getattr(settings, "plugin_modules", None) or {})
+    for name, target in {**site_modules, **(extra_plugins or {})}.items():
         source = target if isinstance(target, str) else _describe(target)
         candidates.append(_Candidate(name, _import_target(target), "0", None, False, source))
 
