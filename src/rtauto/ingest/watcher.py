@@ -1,0 +1,232 @@
+"""Drop folders: files copied into a watched folder are ingested once they have settled.
+
+A :class:`FolderWatcher` runs one watchdog observer for every ``settings.watch`` folder and one
+thread that ingests. A file is read only after its size and modification time have stayed the
+same for the folder's ``settle_seconds`` (so a file still being written, even in pieces with
+pauses shorter than that, is never read half-way), and once per (path, size, mtime): the spool's
+SOP Instance UID check makes a second copy of the same instance idempotent anyway.
+
+Files present when the watcher starts (dropped while the daemon was down) are found by a scan
+at start; a slower periodic rescan catches anything whose file system event was lost. Hidden
+files (``.name``, the usual form of a partial copy), ``*.tmp``/``*.part`` and ``DICOMDIR`` are
+left alone. Refused files are quarantined with their reason by the spool; the original stays
+unless ``delete_after_ingest``, in which case it is removed only after its spool copy or its
+quarantined copy is durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from rtauto.config import Settings, WatchFolder
+from rtauto.errors import IngestError
+from rtauto.ingest.spool import Spool
+from rtauto.store import Store
+
+__all__ = ["FolderWatcher"]
+
+log = logging.getLogger("rtauto.ingest.watcher")
+
+RESCAN_SECONDS = 30.0  # safety net for lost file system events (inotify queue overflow)
+RETRY_SECONDS = 5.0  # after an unexpected error reading a file (permissions, I/O)
+_IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")
+
+
+@dataclass
+class _Candidate:
+    folder: WatchFolder
+    signature: tuple[int, int]  # (size, mtime_ns) when last looked at
+    stable_since: float  # monotonic time the signature was first seen
+    not_before: float = 0.0  # monotonic time before which it is not retried
+
+
+def _ignored(path: Path) -> bool:
+    name = path.name
+    return name.startswith(".") or name.endswith(_IGNORED_SUFFIXES) or name == "DICOMDIR"
+
+
+class _Events(FileSystemEventHandler):
+    def __init__(self, watcher: FolderWatcher, folder: WatchFolder):
+        self.watcher = watcher
+        self.folder = folder
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            if event.event_type in ("created", "moved"):
+                # a folder moved in whole brings files no event announced
+                target = event.dest_path if event.event_type == "moved" else event.src_path
+                self.watcher._scan(self.folder, Path(os.fsdecode(target)))
+            return
+        if event.event_type in ("created", "modified", "closed"):
+            self.watcher._touch(self.folder, Path(os.fsdecode(event.src_path)))
+        elif event.event_type == "moved":
+            self.watcher._forget(Path(os.fsdecode(event.src_path)))
+            self.watcher._touch(self.folder, Path(os.fsdecode(event.dest_path)))
+        elif event.event_type == "deleted":
+            self.watcher._forget(Path(os.fsdecode(event.src_path)))
+
+
+class FolderWatcher:
+    """Ingests files dropped into ``settings.watch`` folders; ``start()`` / ``stop()``."""
+
+    def __init__(self, settings: Settings, store_url: str):
+        self.settings = settings
+        self.store_url = store_url
+        self.spool = Spool(settings)
+        self.store: Store | None = None
+        self._observers: list[object] = []
+        self._candidates: dict[Path, _Candidate] = {}
+        self._done: dict[Path, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Scan every watch folder, then follow its file system events."""
+        self.store = Store(self.store_url)
+        self._stopping.clear()
+        for folder in self.settings.watch:
+            folder.path.mkdir(parents=True, exist_ok=True)
+            observer = Observer()
+            observer.schedule(_Events(self, folder), str(folder.path), recursive=folder.recursive)
+            observer.start()
+            self._observers.append(observer)
+        # scan after the observers run, so a file dropped in between is seen by one of them
+        for folder in self.settings.watch:
+            self._scan(folder, folder.path)
+        self._thread = threading.Thread(target=self._run, name="rtauto-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching; a file being ingested is finished first."""
+        self._stopping.set()
+        self._wake.set()
+        for observer in self._observers:
+            observer.stop()  # type: ignore[attr-defined]
+        for observer in self._observers:
+            observer.join(timeout=10)  # type: ignore[attr-defined]
+        self._observers = []
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+            self._thread = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def __enter__(self) -> FolderWatcher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- bookkeeping (called from observer threads) -------------------------------------------
+    def _scan(self, folder: WatchFolder, root: Path) -> None:
+        if root.is_file():
+            self._touch(folder, root)
+            return
+        walker = os.walk(root) if folder.recursive else [(str(root), [], os.listdir(root))]
+        for dirpath, _dirs, files in walker:
+            for name in files:
+                self._touch(folder, Path(dirpath) / name)
+
+    def _touch(self, folder: WatchFolder, path: Path) -> None:
+        if _ignored(path):
+            return
+        try:
+            st = path.stat()
+        except OSError:
+            return
+        signature = (st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if self._done.get(path) == signature:
+                return
+            known = self._candidates.get(path)
+            if known is None or known.signature != signature:
+                self._candidates[path] = _Candidate(folder, signature, time.monotonic())
+        self._wake.set()
+
+    def _forget(self, path: Path) -> None:
+        with self._lock:
+            self._candidates.pop(path, None)
+            self._done.pop(path, None)
+
+    # -- the ingesting thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        next_rescan = time.monotonic() + RESCAN_SECONDS
+        while not self._stopping.is_set():
+            wait = self._ingest_settled()
+            now = time.monotonic()
+            if now >= next_rescan:
+                for folder in self.settings.watch:
+                    with contextlib.suppress(OSError):
+                        self._scan(folder, folder.path)
+                next_rescan = now + RESCAN_SECONDS
+            self._wake.wait(min(wait, max(0.0, next_rescan - now)))
+            self._wake.clear()
+
+    def _ingest_settled(self) -> float:
+        """Ingest every candidate that has settled; returns seconds until the next check."""
+        with self._lock:
+            pending = list(self._candidates.items())
+        wait = RESCAN_SECONDS
+        for path, candidate in pending:
+            if self._stopping.is_set():
+                break
+            try:
+                st = path.stat()
+            except OSError:
+                self._forget(path)
+                continue
+            now = time.monotonic()
+            signature = (st.st_size, st.st_mtime_ns)
+            if signature != candidate.signature:
+                with self._lock:
+                    if self._candidates.get(path) is candidate:
+                        self._candidates[path] = _Candidate(candidate.folder, signature, now)
+                wait = min(wait, candidate.folder.settle_seconds)
+                continue
+            ready_at = max(
+                candidate.stable_since + candidate.folder.settle_seconds, candidate.not_before
+            )
+            if now < ready_at:
+                wait = min(wait, ready_at - now)
+                continue
+            self._ingest(path, candidate, signature)
+        return max(0.02, min(wait, 1.0))
+
+    def _ingest(self, path: Path, candidate: _Candidate, signature: tuple[int, int]) -> None:
+        assert self.store is not None
+        try:
+            record = self.spool.ingest_file(path, source="folder")
+            self.store.record_instance(record)
+            log.info("ingested %s as %s", path, record.path)
+        except IngestError as refused:
+            log.warning("refused %s: %s", path, refused.reason)
+        except Exception:
+            log.exception("cannot ingest %s; retrying in %.0f s", path, RETRY_SECONDS)
+            candidate.not_before = time.monotonic() + RETRY_SECONDS
+            return
+        with self._lock:
+            if self._candidates.get(path) is candidate:
+                del self._candidates[path]
+            self._done[path] = signature
+        if candidate.folder.delete_after_ingest:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.error("cannot delete %s after ingest: %s", path, exc)
+            self._forget(path)
