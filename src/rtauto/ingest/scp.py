@@ -1,0 +1,333 @@
+"""rtauto's storage SCP: C-STORE into the spool (durable and indexed before success), C-ECHO.
+
+Every storage SOP class pynetdicom knows (RT Plan, RT Ion Plan, RT Dose, RT Structure Set, RT
+Image, RT treatment records, Spatial and Deformable Spatial Registration, Segmentation, all
+images) is accepted with every transfer syntax pynetdicom knows, compressed ones included; data
+sets are stored exactly as received, never decoded.
+
+With ``settings.scp.processes`` > 1 the SCP runs that many receiving processes that share the
+port through ``SO_REUSEPORT`` (Linux), so concurrent associations use more than one core. Each
+child opens its own store handle, asks the kernel to kill it when its parent dies
+(``PR_SET_PDEATHSIG``) and also exits when it sees its parent gone. With one process the SCP
+runs in threads of the calling process.
+
+Refused instances are quarantined (see :mod:`rtauto.ingest.spool`) and answered with a failure
+status and an Error Comment: 0xA900 (data set does not match: missing, invalid or inconsistent
+UIDs), 0xC000 (cannot understand: not DICOM, truncated), 0xC001 (the SOP Instance UID is
+already stored with different content); 0xA700 (out of resources) when the spool or the store
+cannot be written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from rtauto.config import Settings
+from rtauto.ingest.spool import RefusedInstance, Spool
+from rtauto.store import Store
+
+__all__ = ["StorageSCP", "storage_contexts"]
+
+log = logging.getLogger("rtauto.ingest.scp")
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+_PR_SET_PDEATHSIG = 1
+_MAX_ASSOCIATIONS = 64
+_READY = "rtauto-scp-ready"
+
+
+def storage_contexts() -> list[Any]:
+    """Presentation contexts the SCP supports: every storage SOP class with every transfer
+    syntax pynetdicom knows (uncompressed, deflated, JPEG, JPEG-LS, JPEG 2000, RLE, ...)."""
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context
+
+    return [
+        build_context(cx.abstract_syntax, list(ALL_TRANSFER_SYNTAXES))
+        for cx in AllStoragePresentationContexts
+    ]
+
+
+def _fast_recv(sock: socket.socket) -> Any:
+    """A drop-in for pynetdicom's ``AssociationSocket.recv`` reading a whole PDU per call
+    (its own reads 4 KiB at a time, which dominates large-PDU transfers)."""
+
+    def recv(nr_bytes: int) -> bytearray:
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        read = 0
+        while read < nr_bytes:
+            got = sock.recv_into(view[read:], nr_bytes - read)
+            if not got:
+                return buffer[:read]  # connection closed: what arrived so far
+            read += got
+        return buffer
+
+    return recv
+
+
+class _Receiver:
+    """One pynetdicom server writing into the spool; runs in the current process."""
+
+    def __init__(self, settings: Settings, store_url: str):
+        self.settings = settings
+        self.store_url = store_url
+        self.spool = Spool(settings)
+        self.store: Store | None = None
+        self.server: Any = None
+
+    def start(self, port: int, reuse_port: bool) -> int:
+        from pynetdicom import AE, _config, evt
+        from pynetdicom.sop_class import Verification
+        from pynetdicom.transport import ThreadedAssociationServer
+
+        # pynetdicom's standard handlers log every PDU; on the receive path that costs time
+        _config.LOG_HANDLER_LEVEL = "none"
+        scp = self.settings.scp
+        self.store = Store(self.store_url)
+        ae = AE(ae_title=scp.ae_title)
+        ae.supported_contexts = storage_contexts()
+        ae.add_supported_context(Verification)
+        ae.maximum_pdu_size = scp.max_pdu
+        ae.maximum_associations = _MAX_ASSOCIATIONS
+        ae.network_timeout = scp.network_timeout
+        ae.acse_timeout = scp.network_timeout
+        ae.dimse_timeout = scp.network_timeout
+        ae.require_called_aet = True
+        if scp.allowed_calling_ae_titles:
+            ae.require_calling_aet = list(scp.allowed_calling_ae_titles)
+
+        class Server(ThreadedAssociationServer):
+            def server_bind(self) -> None:
+                if reuse_port:
+                    self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                super().server_bind()
+
+            def shutdown(self) -> None:
+                # pynetdicom's own shutdown expects servers made by AE.start_server
+                socketserver.TCPServer.shutdown(self)
+                self.server_close()
+
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_OPEN, self._on_connection),
+        ]
+        self.server = ae.make_server((scp.host, port), evt_handlers=handlers, server_class=Server)
+        thread = threading.Thread(
+            target=self.server.serve_forever, name="rtauto-scp-acceptor", daemon=True
+        )
+        thread.start()
+        return int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            for association in self.server.active_associations:
+                association.abort()
+            self.server = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    @staticmethod
+    def _on_connection(event: Any) -> None:
+        transport = event.assoc.dul.socket
+        raw = getattr(transport, "socket", None)
+        if isinstance(raw, socket.socket):
+            transport.recv = _fast_recv(raw)
+
+    def _on_store(self, event: Any) -> int | Dataset:
+        request = event.request
+        assoc = event.assoc
+        encoded = request.DataSet.getbuffer()
+        try:
+            record = self.spool.ingest_encoded(
+                encoded,
+                sop_class_uid=str(request.AffectedSOPClassUID),
+                sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                transfer_syntax=str(event.context.transfer_syntax),
+                source="scp",
+                calling_ae=assoc.requestor.ae_title,
+                called_ae=assoc.acceptor.ae_title,
+            )
+            assert self.store is not None
+            self.store.record_instance(record)
+        except RefusedInstance as refused:
+            return _failure(refused.status, refused.reason)
+        except Exception as exc:
+            log.exception("C-STORE of %s failed", request.AffectedSOPInstanceUID)
+            return _failure(STATUS_OUT_OF_RESOURCES, f"rtauto could not store it: {exc}")
+        finally:
+            encoded.release()
+        return STATUS_SUCCESS
+
+
+def _failure(status: int, comment: str) -> Dataset:
+    response = Dataset()
+    response.Status = status
+    response.ErrorComment = comment[:64]  # LO: at most 64 characters
+    return response
+
+
+class StorageSCP:
+    """The storage SCP of the daemon. ``start()`` returns the bound port."""
+
+    def __init__(self, settings: Settings, store_url: str):
+        self.settings = settings
+        self.store_url = store_url
+        self.port: int | None = None
+        self._receiver: _Receiver | None = None
+        self._reservation: socket.socket | None = None
+        self._children: list[subprocess.Popen[str]] = []
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> int:
+        """Start listening (``settings.scp.port``; 0 lets the OS choose) and return the port."""
+        scp = self.settings.scp
+        self.settings.ensure_dirs()
+        if scp.processes == 1:
+            self._receiver = _Receiver(self.settings, self.store_url)
+            self.port = self._receiver.start(scp.port, reuse_port=False)
+            return self.port
+        # hold the port (bound, never listening) so every child binds the same one
+        self._reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self._reservation.bind((scp.host, scp.port))
+        self.port = int(self._reservation.getsockname()[1])
+        started = threading.Event()
+        failure: list[BaseException] = []
+        # children are spawned by a thread that lives until stop(): PR_SET_PDEATHSIG fires
+        # when the spawning thread ends, not only the process
+        self._supervisor = threading.Thread(
+            target=self._supervise, args=(started, failure), name="rtauto-scp", daemon=True
+        )
+        self._supervisor.start()
+        started.wait()
+        if failure:
+            self.stop()
+            raise failure[0]
+        return self.port
+
+    def stop(self) -> None:
+        """Stop receiving; running associations are cut."""
+        self._stopping.set()
+        if self._receiver is not None:
+            self._receiver.stop()
+            self._receiver = None
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=30)
+            self._supervisor = None
+        if self._reservation is not None:
+            self._reservation.close()
+            self._reservation = None
+
+    # -- child processes ---------------------------------------------------------------------
+    def _child_config(self) -> str:
+        return json.dumps(
+            {
+                "settings": self.settings.model_dump(mode="json"),
+                "store_url": self.store_url,
+                "port": self.port,
+                "parent_pid": os.getpid(),
+            }
+        )
+
+    def _spawn(self) -> subprocess.Popen[str]:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "rtauto.ingest.scp"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            close_fds=True,
+        )
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(self._child_config())
+        child.stdin.close()
+        line = child.stdout.readline().strip()
+        if line != _READY:
+            child.kill()
+            child.wait()
+            raise RuntimeError(f"a receiving process of the storage SCP did not start ({line!r})")
+        return child
+
+    def _supervise(self, started: threading.Event, failure: list[BaseException]) -> None:
+        try:
+            for _ in range(self.settings.scp.processes):
+                self._children.append(self._spawn())
+        except BaseException as exc:  # reported to start()
+            failure.append(exc)
+            self._stopping.set()
+        started.set()
+        while not self._stopping.wait(0.5):
+            for index, child in enumerate(self._children):
+                if child.poll() is not None:
+                    log.error(
+                        "receiving process %d exited with %s; starting another",
+                        child.pid,
+                        child.returncode,
+                    )
+                    with contextlib.suppress(RuntimeError, OSError):
+                        self._children[index] = self._spawn()
+        for child in self._children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for child in self._children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            if child.stdout is not None:
+                child.stdout.close()
+        self._children = []
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _child_main() -> None:
+    config = json.loads(sys.stdin.read())
+    parent_pid = int(config["parent_pid"])
+    if sys.platform.startswith("linux"):
+        _die_with_parent(parent_pid)
+    settings = Settings.model_validate(config["settings"])
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s scp[{os.getpid()}] %(name)s: %(message)s",
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when children stop
+    receiver = _Receiver(settings, config["store_url"])
+    receiver.start(int(config["port"]), reuse_port=True)
+    print(_READY, flush=True)
+    while not stop.wait(1.0):
+        if os.getppid() != parent_pid:
+            break
+    receiver.stop()
+
+
+if __name__ == "__main__":
+    _child_main()
