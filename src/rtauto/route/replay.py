@@ -1,0 +1,146 @@
+"""Re-delivering a job's routed items (``rtauto replay JOB [--to NAME]``).
+
+Replay is an explicit request, so it sends again what was delivered before, as well as what
+went to the dead-letter list. Each send is recorded on the item's delivery record and in
+the audit log.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rtauto.config import Destination
+from rtauto.errors import RtautoError, StepError
+from rtauto.route.deliveries import DeliveryItem, resolve_destination, send_items
+
+__all__ = ["ReplayResult", "job_destinations", "replay_job"]
+
+REPLAYED_STATUSES = ("delivered", "dead")
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What happened to one item: ``delivered`` true, or ``error`` says why not."""
+
+    item_key: str
+    path: str
+    destination: str
+    step_id: str
+    delivered: bool
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def job_destinations(settings: Any, workflow_text: str) -> dict[str, Destination]:
+    """The daemon's destinations, overridden by those the job's workflow version defines."""
+    merged: dict[str, Destination] = dict(getattr(settings, "destinations", None) or {})
+    try:
+        workflow = yaml.safe_load(workflow_text or "") or {}
+    except yaml.YAMLError:
+        workflow = {}
+    blocks = workflow.get("destinations") if isinstance(workflow, dict) else None
+    for name, block in (blocks or {}).items():
+        merged[str(name)] = Destination.model_validate(block or {})
+    return merged
+
+
+def replay_job(
+    store: Any,
+    settings: Any,
+    host: Any,
+    job_id: str,
+    destination: str | None = None,
+) -> list[ReplayResult]:
+    """Send again every item the job's routing steps delivered or dead-lettered.
+
+    Each item goes to the destination of its record, or to ``destination`` when given (a
+    name from the daemon config or the job's workflow). ``host`` is the
+    :class:`rtauto.hooks.PluginHost` whose destination types are used. Raises
+    :class:`RtautoError` for an unknown job; delivery problems are reported per item.
+    """
+    job = store.get_job(job_id)
+    if job is None:
+        raise RtautoError(f"no job {job_id!r} in the store")
+    rows = [row for row in store.deliveries_of(job.id) if row.status in REPLAYED_STATUSES]
+    destinations = job_destinations(settings, job.workflow_text)
+    home = Path(settings.home) if getattr(settings, "home", None) is not None else None
+
+    # one send per destination; an item once per destination even if several steps sent it
+    plan: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        target = destination or row.destination
+        plan.setdefault(target, {}).setdefault(row.item_key, row)
+
+    results: list[ReplayResult] = []
+    for target, by_key in plan.items():
+        results.extend(_replay_to(store, job.id, target, by_key, destinations, host, home))
+
+    delivered = sum(r.delivered for r in results)
+    store.audit(
+        "delivery.replay",
+        subject=job.id,
+        message=f"replayed {len(results)} item(s): {delivered} delivered, "
+        f"{len(results) - delivered} failed" + (f" (to {destination})" if destination else ""),
+        destination=destination,
+        results=[r.to_json() for r in results],
+    )
+    return results
+
+
+def _replay_to(
+    store: Any,
+    job_id: str,
+    target: str,
+    by_key: Mapping[str, Any],
+    destinations: Mapping[str, Destination],
+    host: Any,
+    home: Path | None,
+) -> list[ReplayResult]:
+    items = {key: DeliveryItem(key, Path(row.path)) for key, row in by_key.items()}
+    records = {
+        key: store.delivery(job_id, row.step_id, key, row.path, target)
+        for key, row in by_key.items()
+    }
+    confirmed: set[str] = set()
+    error: str | None = None
+    try:
+        resolved = resolve_destination(target, destinations, host.destination_types.get, home=home)
+
+        def confirm(item: DeliveryItem) -> None:
+            record = records[item.key]
+            store.update_delivery(
+                record.id,
+                status="delivered",
+                attempts=record.attempts + 1,
+                last_error=None,
+                delivered_at=time.time(),
+            )
+            confirmed.add(item.key)
+
+        send_items(resolved, list(items.values()), confirm)
+    except StepError as exc:
+        error = str(exc)
+    results = []
+    for key, row in by_key.items():
+        if key in confirmed:
+            results.append(ReplayResult(key, row.path, target, row.step_id, True))
+            continue
+        record = records[key]
+        # a record delivered before stays delivered; a new or dead one is a dead letter
+        status = "delivered" if record.status == "delivered" else "dead"
+        store.update_delivery(
+            record.id,
+            status=status,
+            attempts=record.attempts + 1,
+            last_error=f"replay: {error or 'not confirmed by the destination'}",
+        )
+        results.append(ReplayResult(key, row.path, target, row.step_id, False, error))
+    return results
