@@ -111,12 +111,17 @@ def parse_condition(text: str) -> Condition:
         raise ConditionError("the condition is empty")
     # YAML folded text may span lines; the expression itself is one line of Python syntax
     source = " ".join(text.split("\n"))
-    try:
-        tree = ast.parse(source.strip(), mode="eval")
-    except SyntaxError as exc:
-        column = (exc.offset or 1) + (len(source) - len(source.lstrip()))
-        raise ConditionError(f"invalid syntax: {exc.msg}", column) from None
     offset = len(source) - len(source.lstrip())
+    expression = source.strip()
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError as exc:
+        if not exc.offset or exc.offset > len(expression):
+            # Python reports no position when the input ends too early
+            raise ConditionError(
+                "the expression ends too early", len(expression) + 1 + offset
+            ) from None
+        raise ConditionError(f"invalid syntax: {exc.msg}", exc.offset + offset) from None
     checker = _Checker(offset)
     checker.check(tree.body)
     return Condition(

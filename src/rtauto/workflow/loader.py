@@ -322,11 +322,15 @@ def _walk(root: yaml.Node, loc: Loc) -> tuple[yaml.Node, yaml.Node | None, list[
     node, key_node, followed = root, None, []
     for position, item in enumerate(loc):
         if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode) and key.value == str(item):
-                    node, key_node = value, key
-                    followed.append(position)
-                    break
+            # the last of two equal keys is the one YAML keeps (reported as a duplicate)
+            matches = [
+                (key, value)
+                for key, value in node.value
+                if isinstance(key, yaml.ScalarNode) and key.value == str(item)
+            ]
+            if matches:
+                key_node, node = matches[-1]
+                followed.append(position)
         elif (
             isinstance(node, yaml.SequenceNode)
             and isinstance(item, int)
@@ -407,8 +411,12 @@ def _pydantic_problems(
     model: type[BaseModel],
     prefix: Loc,
     label: str = "",
+    hide: int = 0,
 ) -> list[_Problem]:
-    """Map each pydantic error (locations relative to ``prefix``) to a line and column."""
+    """Map each pydantic error (locations relative to ``prefix``) to a line and column.
+
+    ``label`` starts each message; ``hide`` leading items of the path are left out of it.
+    """
     grouped: dict[tuple[int, int, str, bool, str, int], list[str]] = {}
     for error in exc.errors(include_url=False):
         rel = tuple(error["loc"])
@@ -428,7 +436,7 @@ def _pydantic_problems(
                 for item in loc[(followed[-1] + 1 if followed else 0) :]
                 if isinstance(item, int) or (_IDENTIFIER.fullmatch(item) and item not in _TYPE_TAGS)
             ]
-            path = followed_items + tail
+            path = followed_items + tail[:-1]
             target = key_node if key_node is not None else node
             message = f"missing required key {str(tail[-1])!r}" if tail else "missing value"
             union_branch = False
@@ -449,7 +457,7 @@ def _pydantic_problems(
                 shown = repr(value) if isinstance(value, (str, int, float, bool)) else ""
                 got = f" (got {shown})" if shown and len(shown) <= 60 else ""
         line, column = _mark(target)
-        where = _dotted(path)
+        where = _dotted(path[hide:])
         group_key = (
             line,
             column,
@@ -499,10 +507,9 @@ def _check_step_type(
     try:
         return params_model.model_validate(spec.with_)
     except ValidationError as exc:
-        label = f"step {spec.id!r} ({spec.uses}) params "
-        problems.extend(
-            _pydantic_problems(exc, root, params_model, ("steps", index, "with"), label)
-        )
+        label = f"step {spec.id!r} ({spec.uses}): "
+        loc = ("steps", index, "with")
+        problems.extend(_pydantic_problems(exc, root, params_model, loc, label, hide=2))
         return None
 
 
