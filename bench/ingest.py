@@ -1,0 +1,233 @@
+"""Ingest throughput: rtauto's storage SCP against dcmtk storescp and Orthanc.
+
+dcmtk ``storescu`` pushes a synthetic CT series (``--slices`` slices of 512x512, cached under
+``.bench/``) to each target, first over one association, then over 4 concurrent associations
+(4 ``storescu`` processes, each sending a quarter of the slices). Targets:
+
+* rtauto: :class:`rtauto.ingest.scp.StorageSCP` with its durable writes (fdatasync + folder
+  fsync before success) and one job-store row per instance;
+* dcmtk ``storescp`` (one association) and ``storescp --fork`` (4 associations);
+* Orthanc.
+
+dcmtk and Orthanc run with ``TCP_NODELAY=1`` (:func:`rtauto.testing.nodelay_env`); without it
+they wait on Nagle's algorithm. Every measurement gets a fresh receiver (empty spool, store
+and storage), the order of the targets rotates every round, and images/s and the ratios are
+medians over ``--rounds`` rounds measured in this one run.
+
+    .venv/bin/python bench/ingest.py [--slices 300] [--rounds 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+from rtauto.config import ScpSettings, Settings
+from rtauto.ingest.scp import StorageSCP
+from rtauto.store import Store
+from rtauto.testing import OrthancServer, free_port, nodelay_env, wait_for_port, write_ct_series
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".bench"
+CONCURRENCY = 4
+
+# a running receiver: (port, called AE title, count of instances it holds)
+Receiver = tuple[int, str, Callable[[], int]]
+Target = Callable[[Path, int], AbstractContextManager[Receiver]]
+
+
+def ct_series(slices: int) -> list[Path]:
+    """The cached 512x512 CT series of ``slices`` slices (written on first use)."""
+    folder = CACHE / f"ct512-{slices}"
+    done = folder / ".complete"
+    if not done.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"writing {slices} CT slices of 512x512 to {folder} ...", flush=True)
+        write_ct_series(folder, rows=512, cols=512, slices=slices, spacing=(0.9, 0.9, 2.0))
+        done.touch()
+    return sorted(folder.glob("CT.*.dcm"))
+
+
+@contextmanager
+def rtauto_target(work: Path, processes: int) -> Iterator[Receiver]:
+    settings = Settings(
+        home=work / "rtauto-home",
+        scp=ScpSettings(ae_title="RTAUTO", port=0, processes=processes),
+    )
+    settings.ensure_dirs()
+    url = settings.database_url
+    store = Store(url, migrate=True)
+    scp = StorageSCP(settings, url)
+    port = scp.start()
+    try:
+        yield port, "RTAUTO", lambda: len(store.instance_paths())
+    finally:
+        scp.stop()
+        store.close()
+
+
+@contextmanager
+def storescp_target(work: Path, fork: bool) -> Iterator[Receiver]:
+    out = work / "storescp"
+    out.mkdir(parents=True)
+    port = free_port()
+    cmd = ["storescp", *(["--fork"] if fork else []), "-od", str(out), str(port)]
+    process = subprocess.Popen(cmd, env=nodelay_env(), stdout=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield port, "STORESCP", lambda: sum(1 for _ in out.iterdir())
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+@contextmanager
+def orthanc_target(work: Path) -> Iterator[Receiver]:
+    with OrthancServer(work / "orthanc") as orthanc:
+        yield orthanc.dicom_port, orthanc.aet, lambda: len(orthanc.instances())
+
+
+def push(port: int, called_ae: str, files: Sequence[Path], associations: int) -> float:
+    """Seconds for ``associations`` concurrent storescu processes to send ``files``."""
+    groups = [list(files[i::associations]) for i in range(associations)]
+    start = time.perf_counter()
+    senders = [
+        subprocess.Popen(
+            ["storescu", "-aec", called_ae, "-aet", "BENCH", "127.0.0.1", str(port), *group],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for group in groups
+    ]
+    failures = []
+    for sender in senders:
+        _, err = sender.communicate(timeout=900)
+        if sender.returncode != 0:
+            failures.append(err.decode(errors="replace")[-500:])
+    elapsed = time.perf_counter() - start
+    if failures:
+        raise RuntimeError("storescu failed:\n" + "\n".join(failures))
+    return elapsed
+
+
+def measure(
+    name: str, target: Target, files: Sequence[Path], associations: int, results: dict
+) -> None:
+    with tempfile.TemporaryDirectory(dir=CACHE, prefix="run-") as tmp:
+        with target(Path(tmp), associations) as (port, called_ae, held):
+            seconds = push(port, called_ae, files, associations)
+            stored = held()
+        if stored < len(files):
+            raise RuntimeError(f"{name} holds {stored} of {len(files)} instances after the push")
+    rate = len(files) / seconds
+    results.setdefault((name, associations), []).append(rate)
+    print(f"  {name:<22} {associations} assoc  {rate:8.1f} images/s  ({seconds:.2f} s)", flush=True)
+
+
+def measure_job_start_latency() -> float:
+    """Median seconds from the last instance received to the job's start, beyond the
+    workflow's quiet period. Needs the daemon (``rtauto serve``) with a workflow matching the
+    bench series; the daemon's author completes it."""
+    raise NotImplementedError(
+        "job start latency needs the rtauto daemon; measure_job_start_latency() is to be "
+        "completed with it"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="40 slices, one round (smoke run)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=ScpSettings().processes,
+        help="rtauto's receiving processes (default: the configuration's default)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.slices, args.rounds = 40, 1
+    for tool in ("storescu", "storescp", "Orthanc"):
+        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
+            print(f"{tool} is not installed (make install installs it)", file=sys.stderr)
+            return 2
+    CACHE.mkdir(exist_ok=True)
+    files = ct_series(args.slices)
+
+    def rtauto(work: Path, associations: int) -> AbstractContextManager[Receiver]:
+        return rtauto_target(work, args.processes)
+
+    def storescp(work: Path, associations: int) -> AbstractContextManager[Receiver]:
+        return storescp_target(work, fork=associations > 1)
+
+    def orthanc(work: Path, associations: int) -> AbstractContextManager[Receiver]:
+        return orthanc_target(work)
+
+    targets: list[tuple[str, Target]] = [
+        ("rtauto", rtauto),
+        ("storescp", storescp),
+        ("orthanc", orthanc),
+    ]
+    results: dict[tuple[str, int], list[float]] = {}
+    print(
+        f"{len(files)} CT slices 512x512, {args.rounds} round(s), "
+        f"rtauto receiving processes: {args.processes}",
+        flush=True,
+    )
+    for round_no in range(args.rounds):
+        order = targets[round_no % len(targets) :] + targets[: round_no % len(targets)]
+        print(f"round {round_no + 1}: {', '.join(name for name, _ in order)}", flush=True)
+        for associations in (1, CONCURRENCY):
+            for name, target in order:
+                measure(name, target, files, associations, results)
+
+    def median(name: str, associations: int) -> float:
+        return statistics.median(results[(name, associations)])
+
+    print("\nmedian images/s")
+    for associations in (1, CONCURRENCY):
+        label = "storescp --fork" if associations > 1 else "storescp"
+        print(
+            f"  {associations} assoc: rtauto {median('rtauto', associations):.1f}  "
+            f"{label} {median('storescp', associations):.1f}  "
+            f"orthanc {median('orthanc', associations):.1f}"
+        )
+    print("ratios (median over rounds of the per-round ratio; target in brackets)")
+    for associations, reference, goal in (
+        (1, "storescp", 0.6),
+        (CONCURRENCY, "storescp", 1.0),
+        (1, "orthanc", 2.0),
+        (CONCURRENCY, "orthanc", 2.0),
+    ):
+        ratios = [
+            ours / theirs
+            for ours, theirs in zip(
+                results[("rtauto", associations)], results[(reference, associations)], strict=True
+            )
+        ]
+        label = "storescp --fork" if reference == "storescp" and associations > 1 else reference
+        value = statistics.median(ratios)
+        verdict = "ok" if value >= goal else "BELOW TARGET"
+        print(
+            f"  rtauto / {label:<15} {associations} assoc: {value:5.2f}x  "
+            f"[>= {goal}x] {verdict}   rounds: {', '.join(f'{r:.2f}' for r in ratios)}"
+        )
+    try:
+        latency = measure_job_start_latency()
+        print(f"median job start latency beyond the quiet period: {latency:.2f} s")
+    except NotImplementedError as exc:
+        print(f"job start latency: not measured ({exc})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
