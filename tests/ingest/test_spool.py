@@ -1,0 +1,271 @@
+"""The spool: validation, durable layout, quarantine with reasons, resends, reconcile."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+
+from rtauto.config import Settings
+from rtauto.errors import IngestError
+from rtauto.ingest.header import IMPLEMENTATION_CLASS_UID, read_file_meta
+from rtauto.ingest.spool import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_DATASET_MISMATCH,
+    STATUS_DUPLICATE_CONFLICT,
+    RefusedInstance,
+    Spool,
+)
+from rtauto.store import Store
+from rtauto.testing import SyntheticSeries
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def spool_files(settings: Settings) -> list[Path]:
+    return sorted(settings.spool_dir.glob("*/*/*.dcm"))
+
+
+def reasons(settings: Settings) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(settings.quarantine_dir.glob("*.json"))]
+
+
+def dataset_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    meta = read_file_meta(data)
+    assert meta is not None
+    return data[meta.dataset_offset :]
+
+
+def test_file_is_copied_byte_for_byte_under_its_uids(
+    settings: Settings, ct_series: SyntheticSeries
+):
+    original = ct_series.files[0]
+    before = (original.read_bytes(), original.stat().st_mtime_ns)
+    record = Spool(settings).ingest_file(original)
+    sop = ct_series.sop_instance_uids[0]
+    expected = f"{ct_series.study_instance_uid}/{ct_series.series_instance_uid}/{sop}.dcm"
+    assert record.path == expected
+    stored = settings.spool_dir / expected
+    assert stored.read_bytes() == before[0]
+    assert (original.read_bytes(), original.stat().st_mtime_ns) == before  # untouched
+    assert record.sop_instance_uid == sop
+    assert record.modality == "CT"
+    assert record.patient_id == "RTAUTO-TEST"
+    assert record.transfer_syntax == EXPLICIT_LE
+    assert record.size == stored.stat().st_size
+    assert record.source == "folder"
+    attrs = record.attributes
+    assert attrs["SeriesDescription"] == "Planning CT"
+    assert attrs["BodyPartExamined"] == "CHEST"
+    assert attrs["PatientPosition"] == "HFS"
+    assert attrs["FrameOfReferenceUID"] == ct_series.frame_of_reference_uid
+    assert attrs["ImageType"] == ["ORIGINAL", "PRIMARY", "AXIAL"]
+    assert attrs["SeriesNumber"] == 1 and attrs["Rows"] == 64
+    assert "PixelData" not in attrs
+    json.dumps(attrs)  # JSON-able as the store needs
+    assert not list(settings.incoming_dir.iterdir())  # no temporary file left
+
+
+def test_encoded_dataset_gets_a_file_meta_header_naming_rtauto(
+    settings: Settings, ct_series: SyntheticSeries
+):
+    sent = dataset_bytes(ct_series.files[1])
+    record = Spool(settings).ingest_encoded(
+        sent,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uid=ct_series.sop_instance_uids[1],
+        transfer_syntax=EXPLICIT_LE,
+        source="scp",
+        calling_ae="CT_SCANNER",
+        called_ae="RTAUTO",
+    )
+    stored = settings.spool_dir / record.path
+    assert dataset_bytes(stored) == sent  # stored as received
+    ds = pydicom.dcmread(stored)
+    meta = ds.file_meta
+    assert meta.MediaStorageSOPInstanceUID == ct_series.sop_instance_uids[1]
+    assert meta.MediaStorageSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+    assert meta.TransferSyntaxUID == EXPLICIT_LE
+    assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert meta.ImplementationVersionName.startswith("RTAUTO_")
+    assert meta.SourceApplicationEntityTitle == "CT_SCANNER"
+    assert ds.SOPInstanceUID == ct_series.sop_instance_uids[1]
+    assert (record.calling_ae, record.called_ae, record.source) == ("CT_SCANNER", "RTAUTO", "scp")
+
+
+def test_resend_of_identical_instance_is_idempotent(settings: Settings, ct_series: SyntheticSeries):
+    spool = Spool(settings)
+    first = spool.ingest_file(ct_series.files[2])
+    stored = settings.spool_dir / first.path
+    inode = stored.stat().st_ino
+    again = spool.ingest_file(ct_series.files[2])
+    sent = dataset_bytes(ct_series.files[2])
+    over_network = spool.ingest_encoded(
+        sent,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uid=ct_series.sop_instance_uids[2],
+        transfer_syntax=EXPLICIT_LE,
+        source="scp",
+    )
+    assert again.path == first.path == over_network.path
+    assert stored.stat().st_ino == inode
+    assert len(spool_files(settings)) == 1
+    assert not list(settings.quarantine_dir.iterdir())
+
+
+def test_same_uid_with_other_content_keeps_the_first(
+    settings: Settings, ct_series: SyntheticSeries, tmp_path: Path
+):
+    spool = Spool(settings)
+    first = spool.ingest_file(ct_series.files[3])
+    kept = (settings.spool_dir / first.path).read_bytes()
+    ds = pydicom.dcmread(ct_series.files[3])
+    ds.SeriesDescription = "edited elsewhere"
+    changed = tmp_path / "changed.dcm"
+    ds.save_as(changed)
+    with pytest.raises(RefusedInstance) as refused:
+        spool.ingest_file(changed)
+    assert refused.value.status == STATUS_DUPLICATE_CONFLICT
+    assert "duplicate SOPInstanceUID with different content" in refused.value.reason
+    assert (settings.spool_dir / first.path).read_bytes() == kept
+    assert refused.value.quarantined is not None
+    assert refused.value.quarantined.read_bytes() == changed.read_bytes()
+    [reason] = reasons(settings)
+    assert reason["original_name"] == str(changed)
+
+
+def _bad_inputs(ct_series: SyntheticSeries, folder: Path) -> dict[str, tuple[Path, str, int]]:
+    """The bad inputs of issue 2: name -> (file, expected reason start, status)."""
+    truncated = folder / "truncated.dcm"
+    truncated.write_bytes(ct_series.files[4].read_bytes()[:-3000])
+    text = folder / "notes.txt"
+    text.write_text("Patient notes: this is not a DICOM file.\n" * 20)
+    ds = pydicom.dcmread(ct_series.files[5])
+    traversal = folder / "traversal.dcm"
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):
+        ds.SOPInstanceUID = "1.2.3.4/../../../etc/passwd"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(traversal)
+    ds = pydicom.dcmread(ct_series.files[6])
+    del ds.SOPInstanceUID
+    no_sop = folder / "no_sop.dcm"
+    ds.save_as(no_sop)
+    return {
+        "truncated": (truncated, "truncated: element (7FE0,0010)", STATUS_CANNOT_UNDERSTAND),
+        "text": (text, "not DICOM", STATUS_CANNOT_UNDERSTAND),
+        "traversal": (
+            traversal,
+            "SOPInstanceUID '1.2.3.4/../../../etc/passwd' is not a valid DICOM UID",
+            STATUS_DATASET_MISMATCH,
+        ),
+        "no_sop": (no_sop, "missing SOPInstanceUID (0008,0018)", STATUS_DATASET_MISMATCH),
+    }
+
+
+def test_bad_inputs_are_quarantined_with_reasons(
+    settings: Settings, ct_series: SyntheticSeries, tmp_path: Path
+):
+    spool = Spool(settings)
+    for name, (path, reason, status) in _bad_inputs(ct_series, tmp_path).items():
+        original = path.read_bytes()
+        with pytest.raises(IngestError) as refused:
+            spool.ingest_file(path)
+        assert isinstance(refused.value, RefusedInstance)
+        assert refused.value.reason.startswith(reason), (name, refused.value.reason)
+        assert refused.value.status == status, name
+        quarantined = refused.value.quarantined
+        assert quarantined is not None and quarantined.parent == settings.quarantine_dir
+        assert quarantined.read_bytes() == original
+        assert path.read_bytes() == original  # the original stays as it was
+        info = json.loads(quarantined.with_suffix(".json").read_text())
+        assert info["reason"] == refused.value.reason
+        assert info["source"] == "folder"
+        assert info["original_name"] == str(path)
+        assert info["time"]
+    assert spool_files(settings) == []
+    # names come from new uuids, never from the content (no ../ anywhere)
+    names = [p.name for p in settings.quarantine_dir.iterdir()]
+    assert len(names) == 8 and all(".." not in n and len(n.split(".")[0]) == 32 for n in names)
+    assert not any(settings.home.rglob("passwd"))
+
+
+def test_network_data_set_must_match_the_request(settings: Settings, ct_series: SyntheticSeries):
+    with pytest.raises(RefusedInstance) as refused:
+        Spool(settings).ingest_encoded(
+            dataset_bytes(ct_series.files[0]),
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            sop_instance_uid="1.2.3.999",
+            transfer_syntax=EXPLICIT_LE,
+            source="scp",
+            calling_ae="PACS",
+        )
+    assert refused.value.status == STATUS_DATASET_MISMATCH
+    assert "differs from '1.2.3.999' in the C-STORE request" in refused.value.reason
+    [info] = reasons(settings)
+    assert info["calling_ae"] == "PACS" and info["source"] == "scp"
+    assert spool_files(settings) == []
+
+
+def test_deflated_data_set_is_scanned_and_stored_as_received(
+    settings: Settings, ct_series: SyntheticSeries
+):
+    plain = dataset_bytes(ct_series.files[7])
+    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = packer.compress(plain) + packer.flush()
+    spool = Spool(settings)
+    common = {
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "sop_instance_uid": ct_series.sop_instance_uids[7],
+        "transfer_syntax": DEFLATED,
+        "source": "scp",
+    }
+    with pytest.raises(RefusedInstance, match="truncated"):
+        spool.ingest_encoded(deflated[: len(deflated) // 2], **common)
+    record = spool.ingest_encoded(deflated, **common)
+    assert dataset_bytes(settings.spool_dir / record.path) == deflated
+    assert record.attributes["SeriesDescription"] == "Planning CT"
+
+
+def test_bare_data_set_file_is_stored_behind_a_built_header(
+    settings: Settings, ct_series: SyntheticSeries, tmp_path: Path
+):
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_dataset(fp, pydicom.dcmread(ct_series.files[0]))
+    raw = fp.getvalue()
+    bare = tmp_path / "bare.dcm"
+    bare.write_bytes(raw)
+    assert raw[128:132] != b"DICM"
+    record = Spool(settings).ingest_file(bare)
+    assert record.transfer_syntax == "1.2.840.10008.1.2"
+    assert dataset_bytes(settings.spool_dir / record.path) == raw
+
+
+def test_reconcile_indexes_unindexed_files_and_removes_stale_temporaries(
+    settings: Settings, store: Store, ct_series: SyntheticSeries
+):
+    spool = Spool(settings)
+    records = [spool.ingest_file(f) for f in ct_series.files[:3]]
+    store.record_instance(records[0])  # the other two: a crash before their index rows
+    stale = settings.incoming_dir / "0123.tmp"
+    stale.write_bytes(b"half an instance")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    fresh = settings.incoming_dir / "4567.tmp"
+    fresh.write_bytes(b"being written now")
+    assert spool.reconcile(store) == 2
+    assert store.instance_paths() == {r.path for r in records}
+    assert not stale.exists() and fresh.exists()
+    assert spool.reconcile(store) == 0
+    series = store.get_series(ct_series.series_instance_uid)
+    assert series is not None and series.instance_count == 3
+    assert series.attributes["SeriesDescription"] == "Planning CT"
