@@ -21,7 +21,7 @@ DEFAULTS = CompletionDefaults(series_quiet_seconds=10, study_quiet_seconds=30, m
 
 
 def workflow(trigger: str, completion: str = ""):
-    text = "name: t\ntrigger:\n" + textwrap.indent(textwrap.dedent(trigger), "  ")
+    text = "name: t\ntrigger:\n" + textwrap.indent(textwrap.dedent(trigger).rstrip() + "\n", "  ")
     if completion:
         text += "completion:\n" + textwrap.indent(textwrap.dedent(completion), "  ")
     text += "steps:\n  - {id: a, uses: test.check}\n"

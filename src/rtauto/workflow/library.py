@@ -124,11 +124,16 @@ class WorkflowLibrary:
                     changes.append(f"{path}: removed workflow {entry.good.name}")
                 else:
                     changes.append(f"{path}: removed")
+            loads: list[tuple[Path, str]] = []
             for path in files:
                 message = self._refresh_file(path, steps, known, force=recheck)
-                if message:
+                if message and self._entries[path].problems:
                     changes.append(message)
+                elif message:
+                    loads.append((path, message))
             changes.extend(self._assign_names())
+            # a version that loaded but lost the name to another file is reported as refused
+            changes.extend(m for p, m in loads if self._entries[p].conflict is None)
             for message in changes:
                 log.info("%s", message)
             return changes
@@ -230,6 +235,8 @@ class WorkflowLibrary:
                     changes.append(conflict)
                 entry.conflict = conflict
                 continue
+            if entry.conflict is not None:
+                changes.append(f"{path}: loaded workflow {loaded.name} ({loaded.hash[:12]})")
             entry.conflict = None
             owners[loaded.name] = path
             active[loaded.name] = loaded
