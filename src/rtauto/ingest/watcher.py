@@ -90,6 +90,8 @@ class FolderWatcher:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self.ingested = 0  # files stored in the spool (or found there already)
+        self.refused = 0  # files quarantined
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -211,8 +213,10 @@ class FolderWatcher:
         try:
             record = self.spool.ingest_file(path, source="folder")
             self.store.record_instance(record)
+            self.ingested += 1
             log.info("ingested %s as %s", path, record.path)
         except IngestError as refused:
+            self.refused += 1
             log.warning("refused %s: %s", path, refused.reason)
         except Exception:
             log.exception("cannot ingest %s; retrying in %.0f s", path, RETRY_SECONDS)

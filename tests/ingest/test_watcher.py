@@ -1,0 +1,181 @@
+"""The folder watcher: settle time, exactly-once ingest, start scan, bad files, deletion."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from rtauto.config import Settings, WatchFolder
+from rtauto.ingest.watcher import FolderWatcher
+from rtauto.store import Store
+from rtauto.testing import SyntheticSeries
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll ``condition`` (a guard against hanging, not a speed check)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def spool_files(settings: Settings) -> list[Path]:
+    return sorted(settings.spool_dir.glob("*/*/*.dcm"))
+
+
+def reasons(settings: Settings) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(settings.quarantine_dir.glob("*.json"))]
+
+
+@pytest.fixture
+def drop(tmp_path: Path) -> Path:
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    return folder
+
+
+@contextmanager
+def watching(
+    settings: Settings, store: Store, drop: Path, **options: object
+) -> Iterator[FolderWatcher]:
+    settings.watch = [WatchFolder(path=drop, **options)]  # type: ignore[arg-type]
+    watcher = FolderWatcher(settings, store.url)
+    watcher.start()
+    try:
+        yield watcher
+    finally:
+        watcher.stop()
+
+
+def test_file_written_slowly_in_pieces_is_ingested_once_after_settling(
+    settings: Settings, store: Store, drop: Path, ct_series: SyntheticSeries
+):
+    data = ct_series.files[0].read_bytes()
+    target = drop / "slice.dcm"
+    with watching(settings, store, drop, settle_seconds=2.0) as watcher:
+        pieces = [data[i : i + 1000] for i in range(0, len(data), 1000)][:6]
+        pieces.append(data[6000:])
+        with open(target, "wb") as out:
+            for piece in pieces:
+                out.write(piece)
+                out.flush()
+                # pauses far shorter than the settle time: nothing may be read yet
+                assert spool_files(settings) == [] and reasons(settings) == []
+                time.sleep(0.2)
+        wait_until(lambda: watcher.ingested == 1)
+        # a second settle period passes without a second ingest of the unchanged file
+        time.sleep(2.5)
+        assert (watcher.ingested, watcher.refused) == (1, 0)
+    stored = spool_files(settings)
+    assert len(stored) == 1
+    assert stored[0].read_bytes() == data  # the whole file, never a half-written one
+    assert reasons(settings) == []
+    assert store.has_instance(ct_series.sop_instance_uids[0])
+    assert target.read_bytes() == data  # the original stays (delete_after_ingest is off)
+
+
+def test_files_dropped_before_start_are_ingested_and_copies_are_idempotent(
+    settings: Settings, store: Store, drop: Path, ct_series: SyntheticSeries
+):
+    (drop / "sub").mkdir()
+    for i, src in enumerate(ct_series.files[:3]):
+        (drop / "sub" / f"{i}.dcm").write_bytes(src.read_bytes())
+    (drop / ".partial.dcm").write_bytes(ct_series.files[3].read_bytes())  # hidden: skipped
+    with watching(settings, store, drop, settle_seconds=0.2) as watcher:
+        wait_until(lambda: watcher.ingested == 3)
+        # the same instance dropped again under another name: no second spool file
+        (drop / "again.dcm").write_bytes(ct_series.files[0].read_bytes())
+        wait_until(lambda: watcher.ingested == 4)
+    assert len(spool_files(settings)) == 3
+    assert reasons(settings) == []
+    assert store.instance_paths() == {
+        p.relative_to(settings.spool_dir).as_posix() for p in spool_files(settings)
+    }
+
+
+def test_non_recursive_folder_ignores_subfolders(
+    settings: Settings, store: Store, drop: Path, ct_series: SyntheticSeries
+):
+    (drop / "sub").mkdir()
+    (drop / "sub" / "deep.dcm").write_bytes(ct_series.files[0].read_bytes())
+    (drop / "top.dcm").write_bytes(ct_series.files[1].read_bytes())
+    with watching(settings, store, drop, settle_seconds=0.2, recursive=False) as watcher:
+        wait_until(lambda: watcher.ingested == 1)
+        (drop / "sub" / "later.dcm").write_bytes(ct_series.files[2].read_bytes())
+        time.sleep(1.0)
+        assert watcher.ingested == 1
+    assert store.has_instance(ct_series.sop_instance_uids[1])
+    assert not store.has_instance(ct_series.sop_instance_uids[0])
+
+
+def bad_files(folder: Path, ct_series: SyntheticSeries) -> dict[str, Path]:
+    """The issue's bad inputs, written as a sender would drop them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    data = ct_series.files[0].read_bytes()
+    files["truncated"] = folder / "truncated.dcm"
+    files["truncated"].write_bytes(data[: len(data) * 2 // 3])
+    files["text"] = folder / "notes.txt"
+    files["text"].write_text("This is a text file, not DICOM.\n" * 20)
+    ds = pydicom.dcmread(ct_series.files[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid UID we want
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3/../../4"
+    files["dotdot"] = folder / "dotdot.dcm"
+    ds.save_as(files["dotdot"])
+    ds = pydicom.dcmread(ct_series.files[2])
+    del ds.SOPInstanceUID
+    del ds.file_meta.MediaStorageSOPInstanceUID
+    files["no_sop"] = folder / "no_sop.dcm"
+    ds.save_as(files["no_sop"])
+    return files
+
+
+def test_bad_files_are_quarantined_with_reasons_and_kept(
+    settings: Settings, store: Store, drop: Path, ct_series: SyntheticSeries
+):
+    bad = bad_files(drop, ct_series)
+    originals = {name: path.read_bytes() for name, path in bad.items()}
+    with watching(settings, store, drop, settle_seconds=0.2) as watcher:
+        wait_until(lambda: watcher.refused == 4)
+        assert watcher.ingested == 0
+    found = {Path(r["original_name"]).name: r for r in reasons(settings)}
+    assert set(found) == {p.name for p in bad.values()}
+    assert "truncated" in found["truncated.dcm"]["reason"]
+    assert "not DICOM" in found["notes.txt"]["reason"]
+    assert "SOPInstanceUID" in found["dotdot.dcm"]["reason"]
+    assert "../" in found["dotdot.dcm"]["reason"]
+    assert "SOPInstanceUID" in found["no_sop.dcm"]["reason"]
+    for name, path in bad.items():
+        record = found[path.name]
+        assert record["source"] == "folder"
+        copy = settings.quarantine_dir / record["file"]
+        assert copy.read_bytes() == originals[name]  # the quarantined copy is what was dropped
+        assert path.read_bytes() == originals[name]  # and the original stays
+    assert spool_files(settings) == []
+    assert store.instance_paths() == set()
+    # nothing outside the spool and quarantine was written from a UID with '..'
+    assert not any(".." in p.name for p in settings.home.rglob("*"))
+
+
+def test_delete_after_ingest_removes_files_once_their_copy_is_durable(
+    settings: Settings, store: Store, drop: Path, ct_series: SyntheticSeries
+):
+    good = drop / "good.dcm"
+    good.write_bytes(ct_series.files[0].read_bytes())
+    bad = bad_files(drop / "bad", ct_series)
+    with watching(settings, store, drop, settle_seconds=0.2, delete_after_ingest=True) as watcher:
+        wait_until(lambda: watcher.ingested == 1 and watcher.refused == 4)
+        wait_until(lambda: not good.exists() and not any(p.exists() for p in bad.values()))
+    assert [p.read_bytes() for p in spool_files(settings)] == [ct_series.files[0].read_bytes()]
+    assert len(reasons(settings)) == 4
+    for record in reasons(settings):
+        assert (settings.quarantine_dir / record["file"]).stat().st_size > 0
