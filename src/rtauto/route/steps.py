@@ -181,11 +181,16 @@ def _run(
     dicom_only: bool | None = None,
 ) -> StepResult:
     home = _home(ctx)
+    # the primary must be of the step's type; an alternate may be any (a folder fallback)
     chain: list[ResolvedDestination] = [
         resolve_destination(
-            name, ctx.destinations, destination_type_named, required_type=required_type, home=home
+            name,
+            ctx.destinations,
+            destination_type_named,
+            required_type=required_type if index == 0 else None,
+            home=home,
         )
-        for name in (primary, *params.alternates)
+        for index, name in enumerate((primary, *params.alternates))
     ]
     if dicom_only is None:
         dicom_only = chain[0].type.name == DICOM_DESTINATION.name
