@@ -32,6 +32,7 @@ __all__ = [
     "build_file_meta",
     "guess_raw_encoding",
     "header_attributes",
+    "pixel_data_shortfall",
     "read_file_meta",
     "scan_dataset",
     "transfer_syntax_encoding",
@@ -64,6 +65,7 @@ _TEXT_VRS = frozenset(
 _NUMBER_VRS = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8}
 _MAX_ATTRIBUTE_BYTES = 1024
 _SPECIFIC_CHARACTER_SET = 0x00080005
+_PIXEL_DATA = 0x7FE00010
 
 
 class HeaderError(ValueError):
@@ -238,6 +240,41 @@ def uid_value(layout: DatasetLayout, tag: int) -> str | None:
         return None
     _vr, pos, length = found
     return bytes(layout.data[pos : pos + length]).decode("ascii", "replace").rstrip("\x00 ")
+
+
+def _int_value(layout: DatasetLayout, tag: int) -> int | None:
+    found = layout.elements.get(tag)
+    if found is None or found[2] in (0, _UNDEFINED) or found[2] > 64:
+        return None
+    vr, pos, length = found
+    raw = bytes(layout.data[pos : pos + length])
+    vr = vr or dictionary_VR(tag)
+    try:
+        value = _fast_value(vr, raw, layout.little_endian)
+    except (ValueError, struct.error, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def pixel_data_shortfall(layout: DatasetLayout) -> str | None:
+    """Why native (not encapsulated) Pixel Data is shorter than Rows x Columns x Samples x
+    Bits Allocated x Frames needs, or None when it is long enough or absent."""
+    found = layout.elements.get(_PIXEL_DATA)
+    if found is None or found[2] == _UNDEFINED:
+        return None
+    rows, columns = _int_value(layout, 0x00280010), _int_value(layout, 0x00280011)
+    bits = _int_value(layout, 0x00280100)
+    if not (rows and columns and bits):
+        return None
+    samples = _int_value(layout, 0x00280002) or 1
+    frames = _int_value(layout, 0x00280008) or 1
+    needed = (rows * columns * samples * frames * bits + 7) // 8
+    if found[2] < needed:
+        return (
+            f"truncated: Pixel Data (7FE0,0010) holds {found[2]} bytes but {rows} rows x"
+            f" {columns} columns x {samples} samples x {bits} bits x {frames} frames need {needed}"
+        )
+    return None
 
 
 def _jsonable(value: Any) -> Any:

@@ -42,6 +42,7 @@ from rtauto.ingest.header import (
     build_file_meta,
     guess_raw_encoding,
     header_attributes,
+    pixel_data_shortfall,
     read_file_meta,
     scan_dataset,
     uid_value,
@@ -263,6 +264,9 @@ class Spool:
             if not reason.startswith(("truncated", "not DICOM")):
                 reason = f"not DICOM: {reason}"
             raise _Invalid(reason, STATUS_CANNOT_UNDERSTAND) from None
+        shortfall = pixel_data_shortfall(layout)
+        if shortfall:
+            raise _Invalid(shortfall, STATUS_CANNOT_UNDERSTAND)
         uids: dict[str, str] = {}
         for tag, keyword in _REQUIRED_UIDS:
             value = uid_value(layout, tag)
