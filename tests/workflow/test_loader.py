@@ -238,7 +238,8 @@ def test_bad_regex_and_unknown_attribute_keyword():
     )
     assert problems == [
         "wf.yaml:5:24: trigger.where.SeriesDescription: bad regular expression "
-        "'(?i)plan(ning': missing ), unterminated subpattern at position 8",
+        "'(?i)plan(ning': missing ), unterminated subpattern at position 8 (write "
+        "{equals: ...} for an exact value)",
         "wf.yaml:6:5: trigger.where.SeriesDescriptio: 'SeriesDescriptio' is not a DICOM "
         "attribute keyword (e.g. SeriesDescription)",
         "wf.yaml:7:23: trigger.where.BodyPartExamined: a boolean is not a DICOM value (an "

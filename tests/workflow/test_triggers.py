@@ -106,10 +106,15 @@ def test_where_rule_forms():
     assert matches_series(trigger, series(attributes={**good, "ProtocolName": "HEAD"}))
 
 
-def test_a_string_with_regex_characters_is_searched():
+def test_a_string_with_regex_characters_is_searched_or_equal():
     trigger = workflow("where: {SeriesDescription: CT 2.5mm}\n").trigger
     assert matches_series(trigger, series(attributes={"SeriesDescription": "CT 2x5mm"}))
     assert matches_series(trigger, series(attributes={"SeriesDescription": "old CT 2.5mm"}))
+    literal = workflow("where: {SeriesDescription: T1 (contrast)}\n").trigger
+    assert matches_series(literal, series(attributes={"SeriesDescription": "T1 (contrast)"}))
+    assert matches_series(literal, series(attributes={"SeriesDescription": "T1 contrast"}))
+    forced = workflow("where: {SeriesDescription: {regex: T1 (contrast)}}\n").trigger
+    assert not matches_series(forced, series(attributes={"SeriesDescription": "T1 (contrast)"}))
 
 
 def test_modality_lists_ae_titles_and_source():

@@ -42,7 +42,7 @@ __all__ = ["LoadedWorkflow", "load_workflow", "load_workflow_text", "validate_pa
 Loc = tuple[str | int, ...]
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
-_CUSTOM_ERRORS = frozenset({"value_error", "bad_regex", "bad_condition", "duration"})
+_CUSTOM_ERRORS = frozenset({"value_error", "bad_condition", "duration"})
 
 
 @dataclass(frozen=True)

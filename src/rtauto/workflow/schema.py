@@ -172,9 +172,10 @@ _WHERE_VALUE_JSON = {
     ],
     "description": (
         "A string without regular-expression characters (. ^ $ * + ? { } [ ] \\ | ( )) must equal "
-        "the attribute exactly (case-sensitive, surrounding spaces ignored); any other string is "
-        "a regular expression searched in the value (re.search: '(?i)planning' matches 'Planning "
-        "CT 2mm'; anchor with ^...$ for a whole-value match). A number equals the value "
+        "the attribute exactly (case-sensitive, surrounding spaces ignored); any other string "
+        "matches a value equal to it or in which it is found as a regular expression "
+        "(re.search: '(?i)planning' matches 'Planning CT 2mm'; anchor with ^...$ for a "
+        "whole-value match). A number equals the value "
         "numerically. A list, or {in: [...]}, matches when any item matches. {equals: X} and "
         "{regex: R} force literal or regular-expression matching. A multi-valued attribute "
         "matches when any of its values does; an absent attribute never matches."
@@ -185,14 +186,15 @@ _WHERE_VALUE_JSON = {
 class WhereRule(_Strict):
     """One ``where:`` rule: how a DICOM attribute's value is matched.
 
-    Written forms (the loader turns each into exactly one of ``equals``/``regex``/``any_of``):
+    Written forms (each becomes exactly one of ``equals``/``regex``/``any_of``):
 
     * a string **without** regular-expression characters (``. ^ $ * + ? { } [ ] \\ | ( )``):
       the attribute must equal it exactly, case-sensitive, surrounding spaces ignored
       (``BodyPartExamined: CHEST`` does not match ``NOTCHEST`` nor ``chest``);
-    * any other string: a regular expression searched anywhere in the value
-      (``re.search``: ``"(?i)planning"`` matches ``"Planning CT 2mm"``; anchor with ``^...$``
-      for a whole-value match); it is compiled when the workflow loads;
+    * any other string: equal to the value, or a regular expression found anywhere in it
+      (``re.search``: ``"(?i)planning"`` matches ``"Planning CT 2mm"``; ``"T1 (contrast)"``
+      matches itself; anchor with ``^...$`` for a whole-value match); it is compiled when the
+      workflow loads;
     * a number: numeric equality (``SeriesNumber: 2`` matches ``"2"`` and ``2.0``);
     * a list, or ``{in: [...]}``: any item matches, each item read by these same rules;
     * ``{equals: X}`` forces exact matching (``{equals: "CT 2.5mm"}``),
@@ -208,6 +210,17 @@ class WhereRule(_Strict):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     _pattern: re.Pattern[str] | None = PrivateAttr(None)
+    _also_equals: bool = PrivateAttr(False)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _shorthand_string(cls, value: Any, handler: Any) -> Any:
+        # a written string with regex characters also matches its literal text: "T1 (contrast)"
+        if isinstance(value, str) and not _REGEX_METACHARACTERS.isdisjoint(value):
+            rule = handler({"regex": value})
+            rule._also_equals = True
+            return rule
+        return handler(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -241,10 +254,9 @@ class WhereRule(_Strict):
             try:
                 self._pattern = re.compile(self.regex)
             except re.error as exc:
-                raise PydanticCustomError(
-                    "bad_regex",
-                    "bad regular expression '{regex}': {error}",
-                    {"regex": self.regex, "error": str(exc)},
+                raise ValueError(
+                    f"bad regular expression '{self.regex}': {exc} "
+                    "(write {equals: ...} for an exact value)"
                 ) from None
         return self
 
@@ -262,6 +274,8 @@ class WhereRule(_Strict):
         if self.any_of is not None:
             return any(rule.matches(value) for rule in self.any_of)
         if self._pattern is not None:
+            if self._also_equals and str(value).strip() == self.regex:
+                return True
             return self._pattern.search(str(value)) is not None
         if isinstance(self.equals, float):
             try:
