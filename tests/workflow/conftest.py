@@ -13,12 +13,20 @@ from rtauto.hooks import RegisteredStep, build_plugin_manager
 from rtauto.steps import StepType
 
 
+class Window(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    level: float
+    width: float
+
+
 class SegmentParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
     structures: list[str] = []
     threshold: float = 0.5
+    window: Window | None = None
 
 
 class CheckParams(BaseModel):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -169,6 +171,29 @@ def test_wrong_param_type_and_unknown_param(step_types):
         "Input should be a valid number, unable to parse string as a number (got 'high')",
         "wf.yaml:9:7: step 'contour' (test.segment): with.modle: "
         "unknown key 'modle'; did you mean 'model'?",
+    ]
+
+
+def test_nested_param_errors_point_into_the_block(step_types):
+    problems = problems_of(
+        """\
+        name: nested
+        trigger: {modality: CT}
+        steps:
+          - id: contour
+            uses: test.segment
+            with:
+              model: m
+              window:
+                level: 40
+                widht: 400
+        """,
+        step_types,
+    )
+    assert problems == [
+        "wf.yaml:8:7: step 'contour' (test.segment): with.window: missing required key 'width'",
+        "wf.yaml:10:9: step 'contour' (test.segment): with.window.widht: unknown key 'widht'; "
+        "did you mean 'width'?",
     ]
 
 
@@ -464,5 +489,10 @@ def test_json_schema_carries_each_step_types_params(step_types):
     segment = branches["test.segment"]["properties"]["with"]
     assert segment["required"] == ["model"]
     assert segment["additionalProperties"] is False
-    assert set(segment["properties"]) == {"model", "structures", "threshold"}
+    assert set(segment["properties"]) == {"model", "structures", "threshold", "window"}
+    refs = re.findall(r'"\$ref": "#/\$defs/([^"]+)"', json.dumps(schema))
+    assert "step1_Window" in refs  # a params model's own definitions are carried over
+    assert all(ref in schema["$defs"] for ref in refs)
+    assert branches["test.segment"]["required"] == ["with"]
     assert branches["test.send"]["properties"]["with"]["required"] == ["destination"]
+    assert "required" not in branches["test.check"]  # every param has a default

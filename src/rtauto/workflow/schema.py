@@ -747,10 +747,13 @@ def workflow_json_schema(steps: Mapping[str, RegisteredStep] | None = None) -> d
             params = _rewrite_refs(params, prefix)
             if step_type.description:
                 params.setdefault("description", step_type.description)
+            then: dict[str, Any] = {"properties": {"with": params}}
+            if params.get("required"):
+                then["required"] = ["with"]
             branches.append(
                 {
                     "if": {"properties": {"uses": {"const": name}}, "required": ["uses"]},
-                    "then": {"properties": {"with": params}},
+                    "then": then,
                 }
             )
         step_schema["allOf"] = branches
