@@ -31,6 +31,7 @@ from rtauto import (
 from rtauto.config import Settings
 from rtauto.hooks import build_plugin_manager
 from rtauto.testing import write_ct_series
+from rtauto.workflow import load_workflow
 
 PLUGIN_ROOT = Path(__file__).resolve().parents[1]
 STEP_NAME = "template.count_instances"
@@ -178,6 +179,11 @@ def test_a_bad_configuration_block_disables_the_plugin():
     )
 
 
+def test_the_example_workflow_is_valid(host):
+    loaded = load_workflow(PLUGIN_ROOT / "workflows" / "count-ct.yaml", host.steps)
+    assert [step.uses for step in loaded.workflow.steps] == [STEP_NAME, "route.folder"]
+
+
 def test_the_entry_point_names_the_plugin_module():
     project = tomllib.loads((PLUGIN_ROOT / "pyproject.toml").read_text())
     assert project["project"]["entry-points"]["rtauto"] == {"template": "rtauto_plugin_template"}
@@ -188,21 +194,15 @@ def test_the_entry_point_names_the_plugin_module():
 def test_the_step_runs_in_a_workflow_with_rtauto_run(tmp_path, ct_files):
     """The whole path: rtauto loads the plugin as a site plugin, validates the workflow, and its
     engine runs the step in a worker process."""
-    workflow = tmp_path / "count.yaml"
-    workflow.write_text(
-        "name: count-ct\n"
-        "trigger: {modality: CT}\n"
-        "steps:\n"
-        "  - id: count\n"
-        f"    uses: {STEP_NAME}\n"
-        "    with: {modality: CT, minimum: 10}\n"
-    )
+    workflow = PLUGIN_ROOT / "workflows" / "count-ct.yaml"
     config = tmp_path / "rtauto.yaml"
     config.write_text(
         "home: home\n"
         "plugin_modules: {template: rtauto_plugin_template}\n"
         "plugins: {template: {report_name: ct-count.json}}\n"
     )
+    counted = tmp_path / "home" / "counted"  # route.folder delivers only to an existing folder
+    counted.mkdir(parents=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(PLUGIN_ROOT / "src"), env.get("PYTHONPATH", "")])
     env["RTAUTO_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # only this plugin and the built-ins
@@ -212,7 +212,9 @@ def test_the_step_runs_in_a_workflow_with_rtauto_run(tmp_path, ct_files):
 
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    [step] = summary["steps"]
+    assert summary["status"] == "ok"
+    step, keep = summary["steps"]
+    assert keep["outcome"] == "ok"  # its if: read the step's output
     assert (step["outcome"], step["plugin"], step["plugin_version"]) == (
         "ok",
         "template",
@@ -222,3 +224,4 @@ def test_the_step_runs_in_a_workflow_with_rtauto_run(tmp_path, ct_files):
     [report] = step["artifacts"]
     assert Path(report).name == "ct-count.json"
     assert json.loads(Path(report).read_text())["instances"] == 12
+    assert [p.name for p in counted.rglob("*.json")] == ["ct-count.json"]

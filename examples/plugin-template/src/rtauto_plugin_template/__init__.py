@@ -2,16 +2,17 @@
 
 The step counts the received instances of one modality in the job's input, fails the step when
 there are fewer than a minimum, writes a small JSON report as an artifact and returns the counts
-as outputs that a workflow's ``if:`` can test::
+as outputs that a workflow's ``if:`` can test (``workflows/count-ct.yaml``)::
 
     steps:
       - id: count
         uses: template.count_instances
-        with: {modality: CT, minimum: 50}
-      - id: send
+        with: {modality: CT, minimum: 10}
+      - id: keep
         uses: route.folder
         needs: [count]
-        if: "steps.count.outputs.instances >= 100"
+        if: steps.count.outputs.instances >= 10
+        with: {path: counted}
 
 Its configuration block (``plugins: {template: {...}}`` in the daemon configuration) is
 validated at start-up by ``rtauto_configure``.
