@@ -42,6 +42,8 @@ __all__ = ["LoadedWorkflow", "load_workflow", "load_workflow_text", "validate_pa
 Loc = tuple[str | int, ...]
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+# libyaml parses about ten times faster than pure Python, with the same marks
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _CUSTOM_ERRORS = frozenset({"value_error", "bad_condition", "duration"})
 
 
@@ -265,7 +267,7 @@ def _lenient_graph(raw_steps: list[Any]) -> list[_RawStep]:
 
 def _compose(text: str) -> tuple[yaml.Node | None, Any, _Problem | None]:
     """The node tree and the data of a one-document YAML text, or the syntax problem."""
-    loader = yaml.SafeLoader(text)
+    loader = _YAML_LOADER(text)
     try:
         root = loader.get_single_node()
         data = loader.construct_document(root) if root is not None else None
