@@ -266,3 +266,22 @@ def test_extra_plugin_version_comes_from_the_module(tmp_path, monkeypatch):
         assert host.steps["fake.hello"].plugin_version == "7.1"
     finally:
         sys.modules.pop("versioned_mod", None)
+
+
+def test_site_plugins_from_the_configuration_load_through_the_same_path(fake_site, monkeypatch):
+    fake_site.write("site_checks_mod.py", HELLO_PLUGIN.replace("fake.hello", "site.hello"))
+    fake_site.write("site_broken_mod.py", "raise RuntimeError('site plugin broken')\n")
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")  # site plugins are named, not discovered
+    settings = Settings(
+        plugin_modules={"site_checks": "site_checks_mod", "site_broken": "site_broken_mod"}
+    )
+
+    host = build_plugin_manager(settings)
+
+    info = host.plugins["site_checks"]
+    assert (info.builtin, info.distribution, info.module) == (False, None, "site_checks_mod")
+    assert host.steps["site.hello"].plugin == "site_checks"
+    assert "site plugin broken" in host.failures["site_broken"]
+    assert "Traceback" in host.failures["site_broken"]
+    blocked = Settings(plugin_modules=settings.plugin_modules, disabled_plugins=["site_checks"])
+    assert "site_checks" not in build_plugin_manager(blocked).plugins
