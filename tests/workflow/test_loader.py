@@ -440,7 +440,7 @@ def test_durations_and_retry_policy():
     assert parse_duration("5m") == 300.0
     assert parse_duration("1h30m") == 5400.0
     assert parse_duration(" 2.5 ") == 2.5
-    for bad in ("5 minutes", "-1", "", True, "1d"):
+    for bad in ("5 minutes", "-1", "", True, "1d", float("inf"), float("nan"), None):
         with pytest.raises(ValueError):
             parse_duration(bad)
     spec = load_workflow_text(

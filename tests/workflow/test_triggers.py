@@ -165,6 +165,11 @@ def decide(facts, now, first=0.0, last=None, wf=CT_PLUS_STRUCT):
     return study_readiness(wf, facts, now, DEFAULTS, first, last)
 
 
+def test_attribute_keywords_name_what_the_series_facts_must_carry():
+    assert DESIGN.trigger.attribute_keywords == {"SeriesDescription", "BodyPartExamined"}
+    assert CT_PLUS_STRUCT.trigger.attribute_keywords == {"StructureSetLabel"}
+
+
 def test_study_waits_for_the_required_structure_set():
     ct = series("1.1", "CT", last=10.0)
     mr = series("1.3", "MR", last=10.0)

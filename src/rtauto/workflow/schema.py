@@ -24,6 +24,7 @@ The ``where:`` rules are described in :class:`WhereRule`.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from functools import cached_property
@@ -42,6 +43,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+from pydicom.datadict import tag_for_keyword
 
 from rtauto.config import Destination
 from rtauto.workflow.conditions import Condition, ConditionError, parse_condition
@@ -102,7 +104,9 @@ def parse_duration(value: Any) -> float:
             seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
     else:
         raise PydanticCustomError("duration", "a duration is a number of seconds or e.g. '20s'")
-    if seconds < 0 or seconds != seconds:
+    if not math.isfinite(seconds):
+        raise PydanticCustomError("duration", "a duration must be finite")
+    if seconds < 0:
         raise PydanticCustomError("duration", "a duration cannot be negative")
     return seconds
 
@@ -133,8 +137,6 @@ PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
 
 
 def _dicom_keyword(key: str) -> str:
-    from pydicom.datadict import tag_for_keyword
-
     if tag_for_keyword(key) is None:
         raise ValueError(f"{key!r} is not a DICOM attribute keyword (e.g. SeriesDescription)")
     return key
@@ -391,6 +393,15 @@ class Trigger(_Strict):
     @property
     def modalities(self) -> frozenset[str] | None:
         return _modalities(self.modality)
+
+    @property
+    def attribute_keywords(self) -> frozenset[str]:
+        """The DICOM keywords the trigger reads (``where`` and ``requires``): what the series
+        facts must carry for it to match."""
+        keys = set(self.where)
+        for selector in self.requires:
+            keys |= set(selector.where)
+        return frozenset(keys)
 
 
 # --------------------------------------------------------------------------------------------
