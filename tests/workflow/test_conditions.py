@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rtauto.workflow import ConditionError, parse_condition
+from rtauto.workflow import ConditionError, decide_step, parse_condition
 
 STEPS = {
     "check": {"status": "ok", "outputs": {"outcome": "warn", "counts": {"fail": 0}}},
@@ -124,3 +124,30 @@ def test_unsafe_or_invalid_expressions_are_refused(text, column, fragment):
     assert fragment in raised.value.message
     assert raised.value.column == column
     assert isinstance(raised.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("needs", "condition", "expected"),
+    [
+        ([], None, "run"),
+        (["check", "reg"], None, "run"),
+        (["check", "contour"], None, "skip"),  # a needed step failed
+        (["check", "send"], None, "skip"),  # a needed step was skipped
+        (["check", "pending"], None, "wait"),
+        (["check", "pending"], "always()", "wait"),  # if: never runs before its needs finish
+        (["check"], "steps.check.outputs.outcome == 'warn'", "run"),
+        (["check"], "steps.check.outputs.outcome == 'pass'", "skip"),
+        (["contour"], "steps.contour.status == 'fail'", "skip"),  # no always()/failure()
+        (["contour"], "failure()", "run"),
+        (["check", "reg"], "failure()", "skip"),
+        (["send"], "failure()", "skip"),  # skipped is not failed
+        (["contour", "send"], "always()", "run"),
+        (["contour"], "always() and steps.contour.outputs.x == None", "run"),
+        (["check"], "success()", "run"),
+        (["contour"], "success() or steps.contour.status == 'fail'", "skip"),
+    ],
+)
+def test_decide_step_applies_the_run_rule(needs, condition, expected):
+    steps = {**STEPS, "pending": {"status": "running"}}
+    parsed = parse_condition(condition) if condition else None
+    assert decide_step(needs, parsed, steps) == expected

@@ -6,7 +6,7 @@ mini-language), ``triggers`` (matching series and study completion) and ``librar
 reloaded workflows folder).
 """
 
-from rtauto.workflow.conditions import Condition, ConditionError, parse_condition
+from rtauto.workflow.conditions import Condition, ConditionError, decide_step, parse_condition
 from rtauto.workflow.library import WorkflowLibrary
 from rtauto.workflow.loader import (
     LoadedWorkflow,
@@ -49,6 +49,7 @@ __all__ = [
     "WhereRule",
     "Workflow",
     "WorkflowLibrary",
+    "decide_step",
     "load_workflow",
     "load_workflow_text",
     "matches_series",

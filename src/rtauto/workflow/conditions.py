@@ -28,13 +28,15 @@ Evaluation never raises: a missing step or output reads as ``None``; an ordering
 ``in`` / ``not in`` with ``None`` on either side is false (``==`` and ``!=`` compare normally);
 comparing values of incompatible types is false.
 
-When a step runs (the engine applies this rule):
+When a step runs:
 
 * without ``if:``, a step runs when every step it ``needs`` ended ok;
 * with ``if:``, it runs when every needed step has finished, and either every needed step ended
   ok or the expression calls ``always()`` or ``failure()`` (:attr:`Condition.overrides_success`),
   and the expression is true;
 * otherwise the step is skipped (and so are the steps that need it, by the same rule).
+
+:func:`decide_step` applies this rule to one step: ``"wait"``, ``"run"`` or ``"skip"``.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["Condition", "ConditionError", "parse_condition"]
+__all__ = ["Condition", "ConditionError", "decide_step", "parse_condition"]
+
+_FINISHED = frozenset({"ok", "fail", "skipped"})
 
 _FUNCTIONS = frozenset({"always", "failure", "success"})
 _NAMED_CONSTANTS = {"true": True, "false": False, "null": None}
@@ -130,6 +134,30 @@ def parse_condition(text: str) -> Condition:
         step_ids=frozenset(checker.step_ids),
         overrides_success=bool(checker.calls & {"always", "failure"}),
     )
+
+
+def decide_step(
+    needs: Sequence[str],
+    condition: Condition | None,
+    steps: Mapping[str, Mapping[str, Any]],
+) -> Literal["wait", "run", "skip"]:
+    """Apply the run rule (module doc) to one step.
+
+    ``needs`` are the step's needed ids, ``condition`` its parsed ``if:`` (or None), ``steps``
+    the finished steps of the job as :meth:`Condition.evaluate` takes them. ``"wait"`` while a
+    needed step has not finished.
+    """
+    statuses = [
+        step.get("status") if isinstance(step := steps.get(n), Mapping) else None for n in needs
+    ]
+    if any(status not in _FINISHED for status in statuses):
+        return "wait"
+    all_ok = all(status == "ok" for status in statuses)
+    if condition is None:
+        return "run" if all_ok else "skip"
+    if (all_ok or condition.overrides_success) and condition.evaluate(steps, needs=needs):
+        return "run"
+    return "skip"
 
 
 class _Checker:
