@@ -132,7 +132,9 @@ def _collect_files(inputs: list[Path]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files += sorted(
+                p for p in item.rglob("*") if p.is_file() and not p.name.startswith(".")
+            )
         elif item.is_file():
             files.append(item)
         else:
@@ -231,12 +233,16 @@ def run(
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     settings = _settings(config, home if home else (out / ".rtauto" if not config else None))
-    settings = settings.model_copy(update={"scp": settings.scp.model_copy(update={"enabled": False})})
+    settings = settings.model_copy(
+        update={"scp": settings.scp.model_copy(update={"enabled": False})}
+    )
     _logging(log_level)
     set_uid_root(settings.uid_root)
     host = _host(settings)
     for name, reason in host.failures.items():
-        typer.echo(f"warning: plugin {name} is disabled: {reason.strip().splitlines()[-1]}", err=True)
+        typer.echo(
+            f"warning: plugin {name} is disabled: {reason.strip().splitlines()[-1]}", err=True
+        )
     try:
         loaded = load_workflow(workflow, host.steps, known_destinations=set(settings.destinations))
     except WorkflowError as exc:
@@ -350,8 +356,11 @@ def plugins(config: ConfigOpt = None, home: HomeOpt = None, as_json: JsonOpt = F
             for p in host.plugins.values()
         ],
         "steps": {
-            name: {"plugin": r.plugin, "version": r.plugin_version,
-                   "description": r.step_type.description}
+            name: {
+                "plugin": r.plugin,
+                "version": r.plugin_version,
+                "description": r.step_type.description,
+            }
             for name, r in sorted(host.steps.items())
         },
         "destination_types": sorted(host.destination_types),
@@ -409,7 +418,9 @@ def jobs(
             _print_job(summary)
         else:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary["created_at"]))
-            typer.echo(f"{summary['job'][:12]}  {when}  {summary['status']:<8} {summary['workflow']}")
+            typer.echo(
+                f"{summary['job'][:12]}  {when}  {summary['status']:<8} {summary['workflow']}"
+            )
 
 
 @app.command()

@@ -76,8 +76,12 @@ class Daemon:
         if settings.scp.enabled:
             self.scp = StorageSCP(settings, settings.database_url)
             self.scp_port = self.scp.start()
-            log.info("storage SCP %s listening on %s:%s", settings.scp.ae_title,
-                     settings.scp.host, self.scp_port)
+            log.info(
+                "storage SCP %s listening on %s:%s",
+                settings.scp.ae_title,
+                settings.scp.host,
+                self.scp_port,
+            )
         if settings.watch:
             self.watcher = FolderWatcher(settings, settings.database_url)
             self.watcher.start()

@@ -132,8 +132,12 @@ class Engine:
             if any(finished_states[n] not in TERMINAL_STEP_STATES for n in needs):
                 continue
             if not self._should_run(loaded, step_id, needs, steps):
-                self.store.finish_step(job.id, step_id, status="skipped", summary=self._skip_reason(
-                    loaded, step_id, needs, steps))
+                self.store.finish_step(
+                    job.id,
+                    step_id,
+                    status="skipped",
+                    summary=self._skip_reason(loaded, step_id, needs, steps),
+                )
                 finished_states[step_id] = "skipped"
                 steps[step_id].status = "skipped"
                 self._after_step(job, step_id)
@@ -267,7 +271,9 @@ class Engine:
             )
         return {"study_instance_uid": job.study_uid, "patient_id": patient_id, "series": series}
 
-    def _run_step(self, job: Job, loaded: LoadedWorkflow, step_id: str, task: dict[str, Any]) -> None:
+    def _run_step(
+        self, job: Job, loaded: LoadedWorkflow, step_id: str, task: dict[str, Any]
+    ) -> None:
         spec = _spec(loaded, step_id)
         try:
             result = self.pool.run(task, timeout=spec.timeout)
@@ -300,8 +306,15 @@ class Engine:
                     next_attempt_at=time.time() + delay,
                     error=error,
                 )
-                log.info("step %s of job %s: %s; retrying in %.1f s (attempt %d of %d)",
-                         step_id, job.id[:8], error, delay, attempt, spec.retry.max_attempts)
+                log.info(
+                    "step %s of job %s: %s; retrying in %.1f s (attempt %d of %d)",
+                    step_id,
+                    job.id[:8],
+                    error,
+                    delay,
+                    attempt,
+                    spec.retry.max_attempts,
+                )
                 return
             status = "fail"
             error = f"gave up after {attempt} attempt(s): {error}"

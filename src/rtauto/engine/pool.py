@@ -149,8 +149,13 @@ class WorkerPool:
                 result = worker.conn.recv()
                 self._release(worker)
                 return result
-            log.warning("step %s of job %s timed out after %.0f s: killing worker %s",
-                        task["step_id"], task["job_id"], timeout, worker.process.pid)
+            log.warning(
+                "step %s of job %s timed out after %.0f s: killing worker %s",
+                task["step_id"],
+                task["job_id"],
+                timeout,
+                worker.process.pid,
+            )
             worker.kill()
             self._release(None)
             return {"status": "timeout", "error": f"timed out after {timeout:g} s"}

@@ -220,8 +220,15 @@ def worker_main(conn: Connection, settings_json: dict[str, Any], warm: list[str]
         try:
             result = run_task(host, task)
         except BaseException as exc:  # keep the worker answering whatever a plugin does
-            result = {"status": "fail", "error": f"worker error: {exc!r}", "outputs": {},
-                      "artifacts": [], "summary": "", "plugin": "", "plugin_version": ""}
+            result = {
+                "status": "fail",
+                "error": f"worker error: {exc!r}",
+                "outputs": {},
+                "artifacts": [],
+                "summary": "",
+                "plugin": "",
+                "plugin_version": "",
+            }
         try:
             conn.send(result)
         except (BrokenPipeError, OSError):

@@ -174,11 +174,18 @@ class Assembler:
                     ):
                         waiting = True
                     continue
-                required = (
-                    [uid for uid in decision.selected if uid in set(decision.required or [])]
-                    if hasattr(decision, "required")
-                    else decision.selected
-                )
+                # the job is keyed by the required series: a new plan in the study is a new
+                # job, an unrelated late series is not
+                requires = loaded.workflow.trigger.requires
+                by_uid = {f.series_instance_uid: f for f in series}
+                required = [
+                    uid
+                    for uid in decision.selected
+                    if not requires
+                    or any(
+                        r.matches(by_uid[uid].modality, by_uid[uid].attributes) for r in requires
+                    )
+                ]
                 job = create_job_for(
                     self.store,
                     self.settings,
