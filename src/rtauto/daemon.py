@@ -4,6 +4,7 @@ tree. ``rtauto serve`` runs it until SIGTERM or SIGINT.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from rtauto import __version__
 from rtauto.config import Settings
 from rtauto.engine.engine import Engine
 from rtauto.hooks import PluginHost, build_plugin_manager
+from rtauto.hooks.manager import plugin_fingerprint
 from rtauto.ingest.assembler import Assembler
 from rtauto.store import Store
 from rtauto.uids import set_uid_root
@@ -44,6 +46,7 @@ class Daemon:
         self._loop: threading.Thread | None = None
         self._last_reload = 0.0
         self.last_tick = 0.0
+        self._plugin_fingerprint = plugin_fingerprint()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -149,10 +152,25 @@ class Daemon:
                 log.exception("error in the scheduling loop (continuing)")
             self.engine.wait_for_change(poll)
 
+    def _reload_plugins_if_changed(self) -> None:
+        """A plugin installed, removed or upgraded: rebuild the daemon's plugin manager, so
+        workflows using new step types validate (workers pick the change up themselves)."""
+        fingerprint = plugin_fingerprint()
+        if fingerprint == self._plugin_fingerprint:
+            return
+        importlib.invalidate_caches()
+        host = build_plugin_manager(self.settings)
+        self._plugin_fingerprint = fingerprint
+        self.host = self.engine.host = self.assembler.host = host
+        log.info("installed plugins changed: %d step types now available", len(host.steps))
+        for name, reason in host.failures.items():
+            log.error("plugin %s is disabled: %s", name, reason.strip().splitlines()[-1])
+
     def tick(self) -> None:
         now = time.time()
         if now - self._last_reload >= 1.0:
             self._last_reload = now
+            self._reload_plugins_if_changed()
             for message in self.library.refresh():
                 log.info("%s", message)
         self.assembler.tick(now)

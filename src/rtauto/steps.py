@@ -242,6 +242,8 @@ class StepContext:
     artifacts: list[Artifact] = field(default_factory=list)
     store_url: str | None = None  # for steps that look up earlier studies (read only)
     max_attempts: int = 1  # the step's retry policy; attempt >= max_attempts is the last
+    # destination types of the worker's plugins, by name (route steps resolve destinations)
+    destination_types: Mapping[str, Any] = field(default_factory=dict)
 
     def add_artifact(
         self,

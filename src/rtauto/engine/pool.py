@@ -8,6 +8,7 @@ timeout has its worker killed; the pool starts another.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -38,10 +39,8 @@ class _Worker:
         return self.process.is_alive()
 
     def kill(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.conn.close()
-        except OSError:
-            pass
         if self.process.is_alive():
             self.process.kill()
         self.process.join(timeout=10)
@@ -58,6 +57,16 @@ class WorkerPool:
         self._busy = 0
         self._lock = threading.Condition()
         self._closed = False
+        self._fingerprint_value = ""
+        self._fingerprint_at = -1e9
+
+    def _fingerprint(self) -> str:
+        """The installed plugins' fingerprint, computed at most once a second."""
+        now = time.monotonic()
+        if now - self._fingerprint_at > 1.0:
+            self._fingerprint_value = plugin_fingerprint()
+            self._fingerprint_at = now
+        return self._fingerprint_value
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _spawn(self) -> _Worker:
@@ -70,7 +79,7 @@ class WorkerPool:
         )
         process.start()
         child.close()
-        return _Worker(process=process, conn=parent, fingerprint=plugin_fingerprint())
+        return _Worker(process=process, conn=parent, fingerprint=self._fingerprint())
 
     def _wait_ready(self, worker: _Worker, timeout: float = 600) -> None:
         if worker.ready:
@@ -94,10 +103,8 @@ class WorkerPool:
             self._closed = True
             idle, self._idle = self._idle, []
         for worker in idle:
-            try:
+            with contextlib.suppress(OSError):
                 worker.conn.send(None)
-            except OSError:
-                pass
             worker.process.join(timeout=5)
             worker.kill()
 
@@ -109,7 +116,7 @@ class WorkerPool:
             if self._closed:
                 raise RuntimeError("the worker pool is closed")
             self._busy += 1
-            current = plugin_fingerprint()
+            current = self._fingerprint()
             while self._idle:
                 worker = self._idle.pop()
                 if worker.alive() and worker.fingerprint == current:
@@ -160,8 +167,8 @@ class WorkerPool:
             self._release(None)
             return {"status": "timeout", "error": f"timed out after {timeout:g} s"}
         except (EOFError, OSError, BrokenPipeError):
-            code = worker.process.exitcode
             worker.kill()
+            code = worker.process.exitcode
             self._release(None)
             elapsed = time.monotonic() - started
             return {

@@ -130,6 +130,7 @@ def run_task(host: Any, task: Mapping[str, Any]) -> dict[str, Any]:
             logger=logging.getLogger(f"rtauto.step.{task['step_id']}"),
             store_url=task.get("store_url"),
             max_attempts=task.get("max_attempts", 1),
+            destination_types=host.destination_types,
         )
         try:
             returned = step_type.run(ctx, params)
