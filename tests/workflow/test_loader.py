@@ -72,6 +72,11 @@ def test_load_workflow_hashes_the_exact_file_bytes(tmp_path, step_types):
     loaded = load_workflow(path, step_types)
     assert loaded.path == path
     assert loaded.hash == hashlib.sha256(path.read_bytes()).hexdigest()
+    # a job keeps the text; loading that text again gives the same hash, BOM included
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())
+    loaded = load_workflow(path, step_types)
+    assert loaded.hash == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert load_workflow_text(loaded.text, str(path), step_types).hash == loaded.hash
 
 
 def test_yaml_syntax_error_has_its_line():

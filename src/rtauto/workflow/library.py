@@ -13,6 +13,7 @@ every file is checked again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -165,23 +166,14 @@ class WorkflowLibrary:
             return None
         entry.digest = digest
         try:
-            text = data.decode("utf-8-sig")
+            text = data.decode("utf-8")
             loaded = load_workflow_text(text, str(path), steps, known)
         except UnicodeDecodeError:
             problems = [f"{path}:1:1: the file is not UTF-8 text"]
         except WorkflowError as exc:
             problems = exc.problems
         else:
-            # the hash is of the exact bytes on disk, as load_workflow computes it
-            loaded = LoadedWorkflow(
-                workflow=loaded.workflow,
-                path=path,
-                text=loaded.text,
-                hash=digest,
-                params=loaded.params,
-                order=loaded.order,
-                conditions=loaded.conditions,
-            )
+            loaded = dataclasses.replace(loaded, path=path)
             previous = entry.good
             had_problems, entry.problems = bool(entry.problems), []
             if previous is not None and previous.hash == loaded.hash:

@@ -97,7 +97,7 @@ def load_workflow(
     except OSError as exc:
         raise WorkflowError([f"{path}:1:1: cannot read the workflow file: {exc.strerror}"]) from exc
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise WorkflowError([f"{path}:{line}:1: the file is not UTF-8 text"]) from exc
