@@ -25,6 +25,7 @@ from rtauto.hooks import PluginHost
 from rtauto.store import TERMINAL_STEP_STATES, Store
 from rtauto.store.models import Job, StepRun
 from rtauto.workflow import LoadedWorkflow, load_workflow_text
+from rtauto.workflow.conditions import decide_step
 
 log = logging.getLogger("rtauto.engine")
 
@@ -131,7 +132,10 @@ class Engine:
             needs = list(spec.needs)
             if any(finished_states[n] not in TERMINAL_STEP_STATES for n in needs):
                 continue
-            if not self._should_run(loaded, step_id, needs, steps):
+            view = {
+                sid: {"status": r.status, "outputs": r.outputs or {}} for sid, r in steps.items()
+            }
+            if decide_step(needs, loaded.conditions.get(step_id), view) == "skip":
                 self.store.finish_step(
                     job.id,
                     step_id,
@@ -151,18 +155,6 @@ class Engine:
         if started == 0:
             self._maybe_finish_job(job)
         return started
-
-    def _should_run(
-        self, loaded: LoadedWorkflow, step_id: str, needs: list[str], steps: dict[str, StepRun]
-    ) -> bool:
-        all_ok = all(steps[n].status == "ok" for n in needs)
-        condition = loaded.conditions.get(step_id)
-        if condition is None:
-            return all_ok
-        if not all_ok and not condition.overrides_success:
-            return False
-        view = {sid: {"status": s.status, "outputs": s.outputs or {}} for sid, s in steps.items()}
-        return bool(condition.evaluate(view, needs=needs))
 
     @staticmethod
     def _skip_reason(
