@@ -62,6 +62,13 @@ def storage_contexts() -> list[Any]:
     ]
 
 
+class _SharedContexts(list):  # type: ignore[type-arg]
+    """The server's supported contexts, handed to each association without a deep copy."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return list(self)
+
+
 def _fast_recv(sock: socket.socket) -> Any:
     """A drop-in for pynetdicom's ``AssociationSocket.recv`` reading a whole PDU per call
     (its own reads 4 KiB at a time, which dominates large-PDU transfers)."""
@@ -127,6 +134,9 @@ class _Receiver:
             (evt.EVT_CONN_OPEN, self._on_connection),
         ]
         self.server = ae.make_server((scp.host, port), evt_handlers=handlers, server_class=Server)
+        # pynetdicom deep-copies the server's contexts for every association (170 storage
+        # classes x all transfer syntaxes: ~0.1-1 s of CPU each); negotiation only reads them
+        self.server.contexts = _SharedContexts(self.server.contexts)
         thread = threading.Thread(
             target=self.server.serve_forever, name="rtauto-scp-acceptor", daemon=True
         )
