@@ -136,17 +136,43 @@ class DeliveryLedger:
         }
 
     def start(self, items: Sequence[DeliveryItem], destination: str) -> None:
-        """Mark the items ``sending`` to ``destination`` (one more attempt each)."""
-        if self.store is None:
+        """Mark the items ``sending`` to ``destination`` (one more attempt each).
+
+        One transaction for all items, before the transfer begins.
+        """
+        if self.store is None or not items:
             return
-        for item in items:
-            row = self.store.delivery(
-                self.job_id, self.step_id, item.key, str(item.path), destination
+        from sqlalchemy import select
+
+        from rtauto.store.models import Delivery
+
+        now = time.time()
+        with self.store.session() as session:
+            query = select(Delivery).where(
+                Delivery.job_id == self.job_id,
+                Delivery.step_id == self.step_id,
+                Delivery.destination == destination,
             )
-            self._ids[(item.key, destination)] = row.id
-            self.store.update_delivery(
-                row.id, status="sending", attempts=row.attempts + 1, path=str(item.path)
-            )
+            existing = {row.item_key: row for row in session.scalars(query)}
+            rows = []
+            for item in items:
+                row = existing.get(item.key)
+                if row is None:
+                    row = Delivery(
+                        job_id=self.job_id,
+                        step_id=self.step_id,
+                        item_key=item.key,
+                        destination=destination,
+                        attempts=0,
+                    )
+                    session.add(row)
+                row.status = "sending"
+                row.attempts += 1
+                row.path = str(item.path)
+                row.updated_at = now
+                rows.append(row)
+            session.flush()
+            self._ids.update({(row.item_key, destination): row.id for row in rows})
 
     def delivered(self, item: DeliveryItem, destination: str) -> None:
         if self.store is None:
