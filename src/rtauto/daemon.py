@@ -46,7 +46,7 @@ class Daemon:
         self._loop: threading.Thread | None = None
         self._last_reload = 0.0
         self.last_tick = 0.0
-        self._plugin_fingerprint = plugin_fingerprint()
+        self._plugin_fingerprint = plugin_fingerprint(self.settings.plugin_modules.values())
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -155,7 +155,7 @@ class Daemon:
     def _reload_plugins_if_changed(self) -> None:
         """A plugin installed, removed or upgraded: rebuild the daemon's plugin manager, so
         workflows using new step types validate (workers pick the change up themselves)."""
-        fingerprint = plugin_fingerprint()
+        fingerprint = plugin_fingerprint(self.settings.plugin_modules.values())
         if fingerprint == self._plugin_fingerprint:
             return
         importlib.invalidate_caches()

@@ -58,13 +58,14 @@ class WorkerPool:
         self._lock = threading.Condition()
         self._closed = False
         self._fingerprint_value = ""
+        self._site_modules = list((settings_json.get("plugin_modules") or {}).values())
         self._fingerprint_at = -1e9
 
     def _fingerprint(self) -> str:
         """The installed plugins' fingerprint, computed at most once a second."""
         now = time.monotonic()
         if now - self._fingerprint_at > 1.0:
-            self._fingerprint_value = plugin_fingerprint()
+            self._fingerprint_value = plugin_fingerprint(self._site_modules)
             self._fingerprint_at = now
         return self._fingerprint_value
 

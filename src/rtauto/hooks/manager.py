@@ -140,9 +140,10 @@ def _source_stamp(module_name: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def plugin_fingerprint() -> str:
+def plugin_fingerprint(site_modules: Iterable[str] = ()) -> str:
     """A digest of the installed ``rtauto`` entry points: names, targets, distribution versions,
-    and the size and modification time of each plugin module's source files.
+    and the size and modification time of each plugin module's source files; plus the source
+    files of the site plugins named in ``site_modules`` (``settings.plugin_modules`` values).
 
     It changes when a plugin is installed, removed or upgraded, and when a plugin's source
     file is edited in place (editable installs), so long-lived worker processes can be recycled.
@@ -151,6 +152,9 @@ def plugin_fingerprint() -> str:
     for ep in _entry_points():
         version = ep.dist.version if ep.dist is not None else "?"
         parts.append(f"{ep.name}={ep.value}@{version}:{_source_stamp(ep.module)}")
+    for target in sorted(site_modules):
+        module = target.partition(":")[0]
+        parts.append(f"site:{target}:{_source_stamp(module)}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

@@ -1,0 +1,351 @@
+"""The engine on real worker processes: outcomes, retries, timeouts, conditions, resume,
+provenance, and a plugin upgraded on disk reaching the next job."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from rtauto.config import Settings
+from rtauto.engine.engine import Engine
+from rtauto.hooks import build_plugin_manager
+from rtauto.ingest.assembler import create_job_for
+from rtauto.ingest.spool import Spool
+from rtauto.store import Store
+from rtauto.testing import write_ct_series
+from rtauto.workflow import load_workflow_text
+
+STEPS_MODULE = '''
+"""Steps for the engine tests. VERSION is rewritten by the upgrade test."""
+import json
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from rtauto import StepFailed, StepResult, StepRetry, StepType, hookimpl
+
+VERSION = 1
+
+
+class P(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fail_times: int = 0
+    seconds: float = 0.0
+    value: str = ""
+
+
+def _count(ctx, name):
+    counter = ctx.job_dir / f"{name}.count"
+    n = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(n))
+    return n
+
+
+def flaky(ctx, params):
+    n = _count(ctx, ctx.step_id)
+    if n <= params.fail_times:
+        raise StepRetry(f"transient failure {n}", after=0.05)
+    return StepResult(outputs={"runs": n})
+
+
+def bad_data(ctx, params):
+    _count(ctx, ctx.step_id)
+    raise StepFailed("the series has no slices in the expected orientation")
+
+
+def sleepy(ctx, params):
+    _count(ctx, ctx.step_id)
+    time.sleep(params.seconds)
+    return {"slept": params.seconds}
+
+
+def emit(ctx, params):
+    _count(ctx, ctx.step_id)
+    report = ctx.workdir / "report.json"
+    report.write_text(json.dumps({"value": params.value, "version": VERSION}))
+    ctx.add_artifact(report, kind="report-json")
+    return StepResult(outputs={"value": params.value, "version": VERSION,
+                               "instances": len(ctx.study.files)})
+
+
+@hookimpl
+def rtauto_register_steps(register):
+    register(StepType(name="t.flaky", params=P, run=flaky))
+    register(StepType(name="t.bad", params=P, run=bad_data))
+    register(StepType(name="t.sleep", params=P, run=sleepy))
+    register(StepType(name="t.emit", params=P, run=emit))
+'''
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    module_name = f"rtauto_engine_steps_{uuid.uuid4().hex[:8]}"
+    plugin_dir = tmp_path / "site"
+    plugin_dir.mkdir()
+    (plugin_dir / f"{module_name}.py").write_text(STEPS_MODULE)
+    monkeypatch.syspath_prepend(str(plugin_dir))
+    settings = Settings(
+        home=tmp_path / "home",
+        plugin_modules={"t": module_name},
+        executor={"workers": 2, "poll_seconds": 0.05},
+    )
+    settings.ensure_dirs()
+    store = Store(settings.database_url, migrate=True)
+    series = write_ct_series(tmp_path / "ct", rows=16, cols=16, slices=3)
+    spool = Spool(settings)
+    for path in series.files:
+        store.record_instance(spool.ingest_file(path))
+    host = build_plugin_manager(settings)
+    assert "t.flaky" in host.steps, host.failures
+    engines: list[Engine] = []
+
+    class Env:
+        pass
+
+    e = Env()
+    e.settings, e.store, e.host, e.series = settings, store, host, series
+    e.module_path = plugin_dir / f"{module_name}.py"
+
+    def engine() -> Engine:
+        eng = Engine(settings, store, build_plugin_manager(settings))
+        engines.append(eng)
+        return eng
+
+    def job(text: str):
+        loaded = load_workflow_text(textwrap.dedent(text), "test.yaml", host.steps)
+        return create_job_for(
+            store,
+            settings,
+            loaded,
+            scope="series",
+            study_uid=series.study_instance_uid,
+            series_uid=series.series_instance_uid,
+            input_series=[series.series_instance_uid],
+            key_series=[series.series_instance_uid],
+            dedupe_key=uuid.uuid4().hex,
+        )
+
+    e.engine, e.job = engine, job
+    yield e
+    for eng in engines:
+        eng.close()
+    store.close()
+    sys.modules.pop(module_name, None)
+
+
+def steps_of(env, job_id):
+    return {s.step_id: s for s in env.store.steps_of(job_id)}
+
+
+def test_transient_failures_are_retried_with_backoff(env):
+    job = env.job(
+        """
+        name: retry
+        trigger: {modality: CT}
+        steps:
+          - id: flaky
+            uses: t.flaky
+            with: {fail_times: 2}
+            retry: {max_attempts: 3, backoff: 0.05}
+        """
+    )
+    engine = env.engine()
+    engine.run_until_done([job.id])
+    step = steps_of(env, job.id)["flaky"]
+    assert (step.status, step.attempts, step.outputs["runs"]) == ("ok", 3, 3)
+    assert env.store.get_job(job.id).status == "ok"
+
+
+def test_retries_end_in_fail_after_max_attempts(env):
+    job = env.job(
+        """
+        name: retry-exhausted
+        trigger: {modality: CT}
+        steps:
+          - id: flaky
+            uses: t.flaky
+            with: {fail_times: 9}
+            retry: {max_attempts: 2, backoff: 0.05}
+        """
+    )
+    env.engine().run_until_done([job.id])
+    step = steps_of(env, job.id)["flaky"]
+    assert (step.status, step.attempts) == ("fail", 2)
+    assert "gave up after 2 attempt(s): transient failure 2" in step.error
+    assert env.store.get_job(job.id).status == "fail"
+
+
+def test_bad_data_fails_without_retry(env):
+    job = env.job(
+        """
+        name: bad
+        trigger: {modality: CT}
+        steps:
+          - id: bad
+            uses: t.bad
+            retry: {max_attempts: 5}
+        """
+    )
+    env.engine().run_until_done([job.id])
+    step = steps_of(env, job.id)["bad"]
+    assert (step.status, step.attempts) == ("fail", 1)
+    assert "expected orientation" in step.error
+
+
+def test_timeout_kills_the_worker_and_fails_or_retries(env):
+    job = env.job(
+        """
+        name: timeouts
+        trigger: {modality: CT}
+        steps:
+          - id: hang
+            uses: t.sleep
+            with: {seconds: 60}
+            timeout: 1s
+          - id: hang_retry
+            uses: t.sleep
+            with: {seconds: 60}
+            timeout: 1s
+            retry: {max_attempts: 2, backoff: 0.05, on_timeout: true}
+          - id: after
+            uses: t.emit
+        """
+    )
+    started = time.monotonic()
+    env.engine().run_until_done([job.id])
+    assert time.monotonic() - started < 50, "the hung steps were not stopped"
+    steps = steps_of(env, job.id)
+    assert (steps["hang"].status, steps["hang"].attempts) == ("fail", 1)
+    assert "timed out after 1 s" in steps["hang"].error
+    assert (steps["hang_retry"].status, steps["hang_retry"].attempts) == ("fail", 2)
+    assert steps["after"].status == "ok"  # the pool replaced the killed workers
+
+
+def test_needs_and_conditions(env):
+    job = env.job(
+        """
+        name: dag
+        trigger: {modality: CT}
+        steps:
+          - id: check
+            uses: t.emit
+            with: {value: warn}
+          - id: broken
+            uses: t.bad
+          - id: on_pass
+            uses: t.emit
+            needs: [check]
+            if: "steps.check.outputs.value == 'pass'"
+          - id: on_warn
+            uses: t.emit
+            needs: [check]
+            if: "steps.check.outputs.value in ['warn', 'fail']"
+          - id: after_broken
+            uses: t.emit
+            needs: [broken]
+          - id: notify
+            uses: t.emit
+            needs: [broken]
+            if: "failure()"
+        """
+    )
+    env.engine().run_until_done([job.id])
+    steps = steps_of(env, job.id)
+    assert {k: s.status for k, s in steps.items()} == {
+        "check": "ok",
+        "broken": "fail",
+        "on_pass": "skipped",
+        "on_warn": "ok",
+        "after_broken": "skipped",
+        "notify": "ok",
+    }
+    assert "condition is false" in steps["on_pass"].summary
+    assert "did not succeed: broken" in steps["after_broken"].summary
+    assert env.store.get_job(job.id).status == "fail"
+
+
+def test_restart_resumes_unfinished_steps_and_never_repeats_finished_ones(env):
+    job = env.job(
+        """
+        name: resume
+        trigger: {modality: CT}
+        steps:
+          - id: first
+            uses: t.emit
+          - id: second
+            uses: t.emit
+            needs: [first]
+        """
+    )
+    engine = env.engine()
+    engine.run_until_done([job.id])
+    # simulate a crash in the middle of `second`: the store says it is still running
+    env.store.update_step(job.id, "second", status="running")
+    env.store.set_job_status(job.id, "running")
+    engine.close()
+    restarted = env.engine()
+    assert restarted.recover() == 1
+    restarted.run_until_done([job.id])
+    job_dir = Path(env.store.get_job(job.id).work_dir)
+    assert (job_dir / "first.count").read_text() == "1"
+    assert (job_dir / "second.count").read_text() == "2"
+    assert env.store.get_job(job.id).status == "ok"
+    assert steps_of(env, job.id)["second"].attempts == 2
+
+
+def test_artifacts_carry_provenance(env):
+    job = env.job(
+        """
+        name: provenance
+        trigger: {modality: CT}
+        steps:
+          - id: emit
+            uses: t.emit
+            with: {value: x}
+        """
+    )
+    env.engine().run_until_done([job.id])
+    row = env.store.get_job(job.id)
+    [artifact] = env.store.artifacts_of(job.id)
+    assert artifact.kind == "report-json"
+    assert artifact.provenance["workflow_hash"] == row.workflow_hash
+    assert artifact.provenance["workflow_name"] == "provenance"
+    assert artifact.provenance["plugin_name"] == "t"
+    assert artifact.provenance["step_type"] == "t.emit"
+    assert len(artifact.sha256) == 64
+    assert Path(artifact.path).is_relative_to(Path(row.work_dir))
+    assert steps_of(env, job.id)["emit"].outputs["instances"] == 3
+
+
+def test_a_plugin_upgraded_on_disk_is_used_by_the_next_job(env):
+    text = """
+        name: upgrade
+        trigger: {modality: CT}
+        steps:
+          - id: emit
+            uses: t.emit
+        """
+    engine = env.engine()
+    first = env.job(text)
+    engine.run_until_done([first.id])
+    assert steps_of(env, first.id)["emit"].outputs["version"] == 1
+
+    source = env.module_path.read_text().replace("VERSION = 1", "VERSION = 2")
+    env.module_path.write_text(source)
+    stat = env.module_path.stat()
+    os.utime(env.module_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    time.sleep(1.1)  # the pool looks at the installed plugins at most once a second
+
+    second = env.job(text)
+    engine.run_until_done([second.id])
+    assert steps_of(env, second.id)["emit"].outputs["version"] == 2
+    report = json.loads(Path(env.store.artifacts_of(second.id)[0].path).read_text())
+    assert report["version"] == 2
