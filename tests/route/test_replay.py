@@ -32,7 +32,7 @@ def test_replay_sends_delivered_items_again(make_context, store, job, kit, tmp_p
         )
         settings = Settings(home=tmp_path / "home", destinations={"tps": tps})
         results = replay_job(store, settings, host, job.id[:8])  # a unique prefix will do
-    assert [r.delivered for r in results] == [True] * 3
+    assert [(r.delivered, r.status) for r in results] == [(True, "delivered")] * 3
     assert {r.destination for r in results} == {"tps"}
     assert sorted(scp.received) == sorted(series.sop_instance_uids * 2)
     assert scp.associations == 2  # one for the step, one for the replay
@@ -61,6 +61,7 @@ def test_replay_of_dead_letters_once_the_destination_is_back(
     # still down: the item stays in the dead-letter list, with the replay's error
     [still_down] = replay_job(store, settings, host, job.id)
     assert not still_down.delivered and "cannot reach" in still_down.error
+    assert still_down.status == "failed"
     [dead] = store.dead_letters()
     assert dead.last_error.startswith("replay: ") and dead.attempts == 2
 

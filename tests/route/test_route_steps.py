@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from rtauto.destinations import DestinationType
 from rtauto.errors import StepFailed, StepRetry
 from rtauto.hooks import build_plugin_manager
 from rtauto.route.steps import (
@@ -299,3 +301,27 @@ def test_nothing_to_deliver(make_context, kit, report, tmp_path):
     )
     assert result.outputs == {"delivered": 0, "destination": "tps", "already_delivered": 0}
     assert result.summary == "nothing to deliver"
+
+
+class ArchiveConfig(BaseModel):
+    model_config = {"extra": "forbid"}
+    folder: Path
+
+
+def archive_send(config: ArchiveConfig, files) -> None:
+    """A vendor's destination type: no per-file progress, all or nothing."""
+    for path in files:
+        shutil.copy(path, config.folder / Path(path).name)
+
+
+def test_route_send_to_a_plugin_destination_type(make_context, store, job, kit, report, tmp_path):
+    archive = DestinationType(name="archive", config=ArchiveConfig, send=archive_send)
+    (tmp_path / "archive").mkdir()
+    make_context.add("vault", type="archive", folder=str(tmp_path / "archive"))
+    ctx = make_context(artifacts={"check": [report]})
+    ctx.destination_types = {"archive": archive}
+    result = route_send(ctx, RouteSendParams(destination="vault"))
+    assert result.outputs == {"delivered": 1, "destination": "vault", "already_delivered": 0}
+    assert (tmp_path / "archive" / "report.json").read_text() == '{"passed": true}'
+    [row] = store.deliveries_of(job.id)
+    assert (row.destination, row.status) == ("vault", "delivered")

@@ -35,8 +35,13 @@ class ReplayResult:
     delivered: bool
     error: str | None = None
 
+    @property
+    def status(self) -> str:
+        """``delivered``, or ``failed`` (the error says why)."""
+        return "delivered" if self.delivered else "failed"
+
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "status": self.status}
 
 
 def job_destinations(settings: Any, workflow_text: str) -> dict[str, Destination]:

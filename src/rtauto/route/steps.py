@@ -106,7 +106,10 @@ def _plugin_destination_types() -> dict[str, DestinationType]:
 
 
 def destination_type_named(name: str) -> DestinationType | None:
-    """A destination type: built-in, else from the installed plugins (loaded once)."""
+    """A destination type: built-in, else from the installed plugins (loaded once).
+
+    Used when the step context carries no ``destination_types`` (a context built by hand).
+    """
     return BUILTIN_DESTINATION_TYPES.get(name) or _plugin_destination_types().get(name)
 
 
@@ -181,12 +184,17 @@ def _run(
     dicom_only: bool | None = None,
 ) -> StepResult:
     home = _home(ctx)
+    registered = ctx.destination_types
+
+    def lookup(type_name: str) -> DestinationType | None:
+        return registered.get(type_name) or destination_type_named(type_name)
+
     # the primary must be of the step's type; an alternate may be any (a folder fallback)
     chain: list[ResolvedDestination] = [
         resolve_destination(
             name,
             ctx.destinations,
-            destination_type_named,
+            lookup,
             required_type=required_type if index == 0 else None,
             home=home,
         )
