@@ -45,7 +45,8 @@ class RigidSettings:
     max_step_mm: float = 2.0
     min_step_mm: float = 0.001
     margin_mm: float = 20.0  # the fixed image is cropped to the moving field of view plus this
-    body_threshold: float | None = None  # fixed mask: voxels above this value, e.g. -400 HU
+    body_mask: bool = True  # restrict the metric to the patient in the fixed image
+    body_threshold: float | None = None  # patient = voxels above this (e.g. -400 HU); Otsu if None
     seed: int = 17
 
 
@@ -296,6 +297,7 @@ def rigid_register(
     min_overlap: float = 0.3,
     inverse_consistency: bool = True,
     check_points: np.ndarray | None = None,
+    backend: Literal["simpleitk", "elastix"] = "simpleitk",
 ) -> RigidResult:
     """Register ``moving`` to ``fixed`` rigidly (6 DoF), multi-resolution.
 
@@ -305,7 +307,8 @@ def rigid_register(
     less than ``min_overlap`` of the moving field of view lies in the fixed image, before or
     after registration. ``inverse_consistency`` registers the other way round as well (from the
     inverse of the result, finest levels only) and reports the largest discrepancy at
-    ``check_points`` (default: corners of a 10 cm cube around ``center``).
+    ``check_points`` (default: corners of a 10 cm cube around ``center``). ``backend``
+    ``elastix`` runs itk-elastix's default rigid registration on the same prepared images.
     """
     settings = settings or RigidSettings()
     start = time.perf_counter()
@@ -322,8 +325,10 @@ def rigid_register(
         )
     fixed_work, moving_work = _prepare(fixed, moving, initial, settings)
     method = _method(settings, fixed_work)
-    mask = body_mask(fixed_work, settings.body_threshold)
-    if sitk.GetArrayViewFromImage(mask).any():
+    mask: sitk.Image | None = None
+    if settings.body_mask:
+        mask = body_mask(fixed_work, settings.body_threshold)
+    if mask is not None and sitk.GetArrayViewFromImage(mask).any():
         method.SetMetricFixedMask(mask)
     else:
         mask = None
@@ -331,16 +336,21 @@ def rigid_register(
     method.SetInitialTransform(transform, inPlace=True)
     metric_before = similarity(fixed_work, moving_work, transform, mask)
     iterations: list[int] = []
-    method.AddCommand(
-        sitk.sitkMultiResolutionIterationEvent,
-        lambda: iterations.append(method.GetOptimizerIteration()),
-    )
-    try:
-        method.Execute(fixed_work, moving_work)
-    except RuntimeError as exc:
-        raise StepFailed(f"registration did not converge: {exc}") from exc
-    iterations.append(method.GetOptimizerIteration())
-    iterations = iterations[1:]
+    if backend == "elastix":
+        # elastix starts from its own default (image centres aligned, identity rotation)
+        matrix, _ = rigid_register_elastix(fixed_work, moving_work)
+        transform = _euler(center, matrix)
+    else:
+        method.AddCommand(
+            sitk.sitkMultiResolutionIterationEvent,
+            lambda: iterations.append(method.GetOptimizerIteration()),
+        )
+        try:
+            method.Execute(fixed_work, moving_work)
+        except RuntimeError as exc:
+            raise StepFailed(f"registration did not converge: {exc}") from exc
+        iterations.append(method.GetOptimizerIteration())
+        iterations = iterations[1:]
     metric_after = similarity(fixed_work, moving_work, transform, mask)
     result_matrix = affine_of(transform)
     overlap = fov_overlap(fixed, moving, result_matrix)
