@@ -49,6 +49,7 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 _PR_SET_PDEATHSIG = 1
 _MAX_ASSOCIATIONS = 64
 _READY = "rtauto-scp-ready"
+_DUL_LOOP_DELAY = 0.0002  # seconds; pynetdicom's default is 0.001
 
 
 def storage_contexts() -> list[Any]:
@@ -155,6 +156,9 @@ class _Receiver:
 
     @staticmethod
     def _on_connection(event: Any) -> None:
+        # pynetdicom's DUL loop sleeps this long whenever it finds nothing to do; its 1 ms
+        # default is paid several times per instance on the receive path
+        event.assoc.dul._run_loop_delay = _DUL_LOOP_DELAY
         transport = event.assoc.dul.socket
         raw = getattr(transport, "socket", None)
         if isinstance(raw, socket.socket):
