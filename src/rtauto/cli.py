@@ -451,8 +451,29 @@ def replay(
     raise typer.Exit(1 if failed else 0)
 
 
-def main() -> None:
-    app()
+CORE_COMMANDS = frozenset({"serve", "run", "validate", "schema", "plugins", "jobs", "replay"})
+
+
+def add_plugin_commands(target: typer.Typer, host: Any = None) -> list[str]:
+    """Let plugins add their commands (``rtauto_add_commands``); returns failure messages."""
+    host = host or _host()
+    failures = []
+    for impl in host.pm.hook.rtauto_add_commands.get_hookimpls():
+        try:
+            impl.function(app=target)
+        except Exception as exc:
+            failures.append(f"plugin {impl.plugin_name} could not add its commands: {exc}")
+    return failures
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    command = next((a for a in args if not a.startswith("-")), None)
+    # plugins are imported only when their commands may be wanted: core commands stay fast
+    if command not in CORE_COMMANDS and "--version" not in args:
+        for message in add_plugin_commands(app):
+            typer.echo(f"warning: {message}", err=True)
+    app(args=args, prog_name="rtauto")
 
 
 if __name__ == "__main__":

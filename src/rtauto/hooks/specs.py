@@ -113,6 +113,19 @@ def rtauto_register_model_backends(register: Callable[[Any], None]) -> None:
     """
 
 
+@hookspec
+def rtauto_add_commands(app: Any) -> None:
+    """Add commands to the ``rtauto`` command line (e.g. the autocontour plugin's ``models``).
+
+    ``app`` is the ``typer.Typer`` application: decorate functions with ``@app.command()``
+    or add a group with ``app.add_typer(...)``. Called by the command line only, when the
+    command asked for is not one of rtauto's own (or for ``--help``).
+
+    Result: ignored. Errors: provider rule (reported on standard error, the plugin's commands
+    are missing, rtauto's own commands work).
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # observers
 # --------------------------------------------------------------------------------------------
@@ -165,6 +178,7 @@ PROVIDER_HOOKS = (
     "rtauto_register_steps",
     "rtauto_register_destinations",
     "rtauto_register_model_backends",
+    "rtauto_add_commands",
 )
 OBSERVER_HOOKS = (
     "rtauto_series_complete",

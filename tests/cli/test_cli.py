@@ -1,0 +1,140 @@
+"""The command line as a user runs it: a subprocess of the installed ``rtauto`` script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import typer
+from typer.testing import CliRunner
+
+from rtauto import hookimpl
+from rtauto.cli import add_plugin_commands
+from rtauto.hooks import build_plugin_manager
+from rtauto.testing import write_ct_series
+
+RTAUTO = [sys.executable, "-m", "rtauto.cli"]
+
+
+def rtauto(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*RTAUTO, *args], capture_output=True, text=True, cwd=cwd, timeout=600, check=False
+    )
+
+
+GOOD = """\
+name: copy-ct
+trigger: {modality: CT}
+steps:
+  - id: copy
+    uses: route.folder
+    with: {path: %(dest)s, send: inputs}
+"""
+
+
+def test_validate_reports_file_line_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: bad\ntrigger: {modality: CT}\nsteps:\n  - id: a\n    uses: route.nothing\n"
+        "  - id: b\n    uses: route.folder\n    needs: [zz]\n    with: {path: /tmp}\n"
+    )
+    syntax = tmp_path / "syntax.yaml"
+    syntax.write_text("name: x\nsteps: [\n")
+    result = rtauto("validate", str(bad), str(syntax))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert any(line.startswith(f"{bad}:5:11: ") and "route.nothing" in line for line in lines)
+    assert any(line.startswith(f"{bad}:8:") and "zz" in line for line in lines)
+    assert any(line.startswith(f"{syntax}:") for line in lines)
+
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD % {"dest": tmp_path})
+    ok = rtauto("validate", str(good))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_schema_and_plugins_are_machine_readable(tmp_path):
+    workflow_schema = json.loads(rtauto("schema", "workflow").stdout)
+    assert "route.folder" in json.dumps(workflow_schema)
+    config_schema = json.loads(rtauto("schema", "config").stdout)
+    assert "scp" in config_schema["properties"]
+    plugins = json.loads(rtauto("plugins", "--json").stdout)
+    assert "route.dicom" in plugins["steps"]
+    assert {"dicom", "folder"} <= set(plugins["destination_types"])
+
+
+def test_run_prints_the_job_summary_and_jobs_reads_it_back(tmp_path):
+    series = write_ct_series(tmp_path / "ct", rows=16, cols=16, slices=4)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    workflow = tmp_path / "copy.yaml"
+    workflow.write_text(GOOD % {"dest": dest})
+    out = tmp_path / "out"
+    result = rtauto("run", str(workflow), str(tmp_path / "ct"), "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "ok"
+    assert summary["steps"][0]["id"] == "copy"
+    assert summary["steps"][0]["outcome"] == "ok"
+    assert summary["steps"][0]["outputs"]["delivered"] == 4
+    assert len(list(dest.iterdir())) == 4
+    assert json.loads((out / "job.json").read_text())["job"] == summary["job"]
+
+    listed = json.loads(rtauto("jobs", "--home", str(out / ".rtauto"), "--json").stdout)
+    assert [j["job"] for j in listed] == [summary["job"]]
+    one = json.loads(
+        rtauto("jobs", summary["job"][:10], "--home", str(out / ".rtauto"), "--json").stdout
+    )
+    assert one["workflow_hash"] == summary["workflow_hash"]
+    assert len(one["deliveries"]) == 4
+    assert series.series_instance_uid == one["series_instance_uid"]
+
+
+def test_run_refuses_an_invalid_workflow_with_its_line(tmp_path):
+    workflow = tmp_path / "bad.yaml"
+    workflow.write_text("name: bad\ntrigger: {modality: CT}\nsteps:\n  - id: a\n    uses: nope.x\n")
+    write_ct_series(tmp_path / "ct", rows=8, cols=8, slices=1)
+    result = rtauto("run", str(workflow), str(tmp_path / "ct"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert f"{workflow}:5:" in result.stderr
+
+
+def test_serve_refuses_an_invalid_configuration_with_its_line(tmp_path):
+    config = tmp_path / "rtauto.yaml"
+    config.write_text("home: h\nscp:\n  port: seventy\n")
+    result = rtauto("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert f"{config}:3:" in result.stderr and "scp.port" in result.stderr
+
+
+def test_plugins_add_commands_through_rtauto_add_commands():
+    module = types.ModuleType("site_commands")
+
+    @hookimpl
+    def rtauto_add_commands(app):
+        @app.command("site-hello")
+        def hello(name: str = "physics") -> None:
+            typer.echo(f"hello {name}")
+
+    module.rtauto_add_commands = rtauto_add_commands
+    broken = types.ModuleType("broken_commands")
+
+    @hookimpl
+    def rtauto_add_commands_broken(app):
+        raise RuntimeError("no licence")
+
+    broken.rtauto_add_commands = rtauto_add_commands_broken
+    host = build_plugin_manager(autoload=False, extra_plugins={"site": module, "broken": broken})
+    app = typer.Typer()
+
+    @app.command()
+    def core() -> None:
+        """A core command, still there when a plugin's commands fail."""
+
+    failures = add_plugin_commands(app, host)
+    assert failures == ["plugin broken could not add its commands: no licence"]
+    result = CliRunner().invoke(app, ["site-hello", "--name", "dosimetry"])
+    assert result.exit_code == 0 and "hello dosimetry" in result.output
