@@ -203,6 +203,7 @@ def _base_dataset(
     ds.SeriesInstanceUID = new_uid()
     ds.SeriesNumber = 900
     ds.SeriesDescription = series_description[:64]
+    ds.Laterality = ""
     ds.SeriesDate = ds.InstanceCreationDate
     ds.SeriesTime = ds.InstanceCreationTime
     ds.FrameOfReferenceUID = frame_of_reference_uid
@@ -216,7 +217,7 @@ def _base_dataset(
     ds.InstanceNumber = 1
     ds.ContentLabel = content_label.upper().replace(" ", "_")[:16]
     ds.ContentDescription = content_description[:64]
-    ds.ContentCreatorName = "rtauto"
+    ds.ContentCreatorName = "rtauto^automation"
     if derivation_description:
         ds.DerivationDescription = derivation_description[:1024]
     return ds
