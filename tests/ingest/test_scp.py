@@ -387,3 +387,30 @@ def test_receiving_processes_die_with_a_killed_parent(settings: Settings, store:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def test_same_series_sent_twice_at_once_is_stored_once(
+    settings: Settings, store: Store, ct_series: SyntheticSeries
+):
+    settings.scp.processes = 2
+    server = StorageSCP(settings, settings.database_url)
+    port = server.start()
+    try:
+        pushes = [
+            subprocess.Popen(
+                [require_tool("storescu"), "-aec", "RTAUTO", "127.0.0.1", str(port)]
+                + [str(f) for f in ct_series.files],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for _ in range(3)
+        ]
+        assert [p.wait(timeout=300) for p in pushes] == [0, 0, 0]
+    finally:
+        server.stop()
+    assert len(spool_files(settings)) == len(ct_series.files)
+    assert store.counts()["instances"] == len(ct_series.files)
+    series = store.get_series(ct_series.series_instance_uid)
+    assert series is not None and series.instance_count == len(ct_series.files)
+    assert not list(settings.quarantine_dir.iterdir())
+    assert not list(settings.incoming_dir.iterdir())
