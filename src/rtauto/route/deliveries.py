@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from sqlalchemy import select, update
 
 from rtauto.config import Destination
 from rtauto.destinations import DestinationType
 from rtauto.errors import StepError, StepFailed, StepRetry
+from rtauto.store.models import Delivery
 
 __all__ = [
     "FOLDER_NAME_PREFIX",
@@ -142,10 +144,6 @@ class DeliveryLedger:
         """
         if self.store is None or not items:
             return
-        from sqlalchemy import select
-
-        from rtauto.store.models import Delivery
-
         now = time.time()
         with self.store.session() as session:
             query = select(Delivery).where(
@@ -187,15 +185,20 @@ class DeliveryLedger:
     def failed(
         self, items: Iterable[DeliveryItem], destination: str, error: str, status: str = "failed"
     ) -> None:
+        """Record why the items did not reach ``destination`` (``dead``: the dead-letter list)."""
         if self.store is None:
             return
-        for item in items:
-            row_id = self._ids.get((item.key, destination))
-            if row_id is None:
-                row_id = self.store.delivery(
-                    self.job_id, self.step_id, item.key, str(item.path), destination
-                ).id
-            self.store.update_delivery(row_id, status=status, last_error=error)
+        items = list(items)
+        self.start([i for i in items if (i.key, destination) not in self._ids], destination)
+        ids = [self._ids[(item.key, destination)] for item in items]
+        if not ids:
+            return
+        with self.store.session() as session:
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(ids))
+                .values(status=status, last_error=error, updated_at=time.time())
+            )
 
 
 def _accepts_progress(send: Callable[..., Any]) -> bool:
