@@ -1,6 +1,6 @@
 """REG and Deformable REG objects: valid for dciodvfy, and an independent reader gets them back.
 
-The independent reader below walks the objects by tag number, following the attribute
+The independent reader (conftest.py) walks the objects by tag number, following the attribute
 definitions of PS3.3 C.20.2 (Spatial Registration) and C.20.3 (Deformable Spatial
 Registration); it shares no code with ``rtauto.dicom.reg``.
 """
@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.tag import Tag
 from rtauto_image_guidance.testing import dciodvfy_errors, dciodvfy_output
 
 from rtauto.dicom.reg import (
@@ -23,41 +22,6 @@ from rtauto.dicom.reg import (
     write_spatial_registration,
 )
 from rtauto.testing import write_ct_series
-
-REGISTRATION_SEQUENCE = Tag(0x0070, 0x0308)
-MATRIX_REGISTRATION_SEQUENCE = Tag(0x0070, 0x0309)
-MATRIX_SEQUENCE = Tag(0x0070, 0x030A)
-MATRIX = Tag(0x3006, 0x00C6)
-MATRIX_TYPE = Tag(0x0070, 0x030C)
-FRAME_OF_REFERENCE_UID = Tag(0x0020, 0x0052)
-REFERENCED_IMAGE_SEQUENCE = Tag(0x0008, 0x1140)
-REFERENCED_SOP_INSTANCE_UID = Tag(0x0008, 0x1155)
-DEFORMABLE_REGISTRATION_SEQUENCE = Tag(0x0064, 0x0002)
-SOURCE_FRAME_OF_REFERENCE_UID = Tag(0x0064, 0x0003)
-GRID_SEQUENCE = Tag(0x0064, 0x0005)
-GRID_DIMENSIONS = Tag(0x0064, 0x0007)
-GRID_RESOLUTION = Tag(0x0064, 0x0008)
-VECTOR_GRID_DATA = Tag(0x0064, 0x0009)
-IMAGE_POSITION = Tag(0x0020, 0x0032)
-IMAGE_ORIENTATION = Tag(0x0020, 0x0037)
-
-
-def independent_matrices(path: Path) -> tuple[str, dict[tuple[str, frozenset[str]], np.ndarray]]:
-    """(Registered RCS UID, {(item FoR, referenced SOP UIDs): matrix}) read by tag number."""
-    ds = pydicom.dcmread(path)
-    out = {}
-    for item in ds[REGISTRATION_SEQUENCE].value:
-        matrix = np.eye(4)
-        for m in item[MATRIX_REGISTRATION_SEQUENCE].value[0][MATRIX_SEQUENCE].value:
-            assert m[MATRIX_TYPE].value in ("RIGID", "RIGID_SCALE", "AFFINE")
-            values = [float(v) for v in m[MATRIX].value]
-            assert len(values) == 16
-            matrix = np.array(values).reshape(4, 4) @ matrix
-        sops = frozenset(
-            str(r[REFERENCED_SOP_INSTANCE_UID].value) for r in item[REFERENCED_IMAGE_SEQUENCE].value
-        )
-        out[(str(item[FRAME_OF_REFERENCE_UID].value), sops)] = matrix
-    return str(ds[FRAME_OF_REFERENCE_UID].value), out
 
 
 def _series(tmp_path: Path, name: str, **kw) -> tuple[RegisteredSeries, pydicom.Dataset]:
@@ -86,7 +50,9 @@ def _rigid(
 
 
 @pytest.mark.parametrize("same_study", [True, False])
-def test_spatial_registration_is_valid_and_reads_back(tmp_path: Path, same_study: bool) -> None:
+def test_spatial_registration_is_valid_and_reads_back(
+    tmp_path: Path, same_study: bool, independent_matrices
+) -> None:
     fixed, fixed_header = _series(
         tmp_path, "plan", patient_id="P1", series_description="Planning CT"
     )
@@ -143,7 +109,7 @@ def test_registration_refuses_a_non_rigid_matrix(tmp_path: Path) -> None:
     assert not (tmp_path / "reg.dcm").exists()
 
 
-def test_deformable_registration_is_valid_and_reads_back(tmp_path: Path) -> None:
+def test_deformable_registration_is_valid_and_reads_back(tmp_path: Path, tags) -> None:
     fixed, _ = _series(tmp_path, "plan", patient_id="P2")
     moving, moving_header = _series(tmp_path, "daily", patient_id="P2")
     rng = np.random.default_rng(3)
@@ -163,15 +129,15 @@ def test_deformable_registration_is_valid_and_reads_back(tmp_path: Path) -> None
     )
     assert dciodvfy_errors(out) == [], dciodvfy_output(out)
     ds = pydicom.dcmread(out)
-    assert str(ds[FRAME_OF_REFERENCE_UID].value) == fixed.frame_of_reference_uid
-    item = ds[DEFORMABLE_REGISTRATION_SEQUENCE].value[0]
-    assert str(item[SOURCE_FRAME_OF_REFERENCE_UID].value) == moving.frame_of_reference_uid
-    grid = item[GRID_SEQUENCE].value[0]
-    columns, rows, planes = (int(v) for v in grid[GRID_DIMENSIONS].value)
+    assert str(ds[tags.FRAME_OF_REFERENCE_UID].value) == fixed.frame_of_reference_uid
+    item = ds[tags.DEFORMABLE_REGISTRATION_SEQUENCE].value[0]
+    assert str(item[tags.SOURCE_FRAME_OF_REFERENCE_UID].value) == moving.frame_of_reference_uid
+    grid = item[tags.GRID_SEQUENCE].value[0]
+    columns, rows, planes = (int(v) for v in grid[tags.GRID_DIMENSIONS].value)
     assert (columns, rows, planes) == (5, 4, 3)
-    assert [float(v) for v in grid[GRID_RESOLUTION].value] == [4.0, 5.0, 6.0]
-    assert [float(v) for v in grid[IMAGE_POSITION].value] == [-10.0, -20.0, -30.0]
-    raw = grid[VECTOR_GRID_DATA].value
+    assert [float(v) for v in grid[tags.GRID_RESOLUTION].value] == [4.0, 5.0, 6.0]
+    assert [float(v) for v in grid[tags.IMAGE_POSITION].value] == [-10.0, -20.0, -30.0]
+    raw = grid[tags.VECTOR_GRID_DATA].value
     assert len(raw) == columns * rows * planes * 3 * 4
     # vector of grid point (i=2, j=1, k=2): x fastest, then rows, then planes (C.20.3.1.3)
     offset = ((2 * rows + 1) * columns + 2) * 3 * 4
