@@ -242,8 +242,8 @@ def counting_scp(tmp_path: Path) -> Iterator[CountingSCP]:
         yield scp
 
 
-def make_tls_files(folder: Path) -> dict[str, Path]:
-    """A CA, and a server certificate for 127.0.0.1/localhost signed by it (openssl)."""
+def make_tls_files(folder: Path, names: str = "DNS:localhost,IP:127.0.0.1") -> dict[str, Path]:
+    """A CA, and a server certificate for ``names`` (subjectAltName) signed by it (openssl)."""
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("openssl is not installed")
@@ -251,7 +251,7 @@ def make_tls_files(folder: Path) -> dict[str, Path]:
     ca_key, ca_cert = folder / "ca.key", folder / "ca.pem"
     key, csr, cert = folder / "server.key", folder / "server.csr", folder / "server.pem"
     ext = folder / "san.ext"
-    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    ext.write_text(f"subjectAltName={names}\n")
 
     def run(*args: str) -> None:
         subprocess.run([openssl, *args], check=True, capture_output=True)

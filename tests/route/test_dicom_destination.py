@@ -240,6 +240,19 @@ def test_tls_with_a_private_ca(kit, tmp_path, ct_files):
     assert len(scp.received) == 2
 
 
+def test_tls_hostname_check_can_be_turned_off(kit, tmp_path, ct_files):
+    tls = kit.make_tls_files(tmp_path / "tls", names="DNS:pacs.elsewhere.example")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(tls["cert"], tls["key"])
+    with kit.CountingSCP(tmp_path / "counted", ssl_context=server_context) as scp:
+        with pytest.raises(StepRetry):
+            send_dicom(config_for(scp.port, tls={"ca_file": tls["ca"]}, timeout=5), ct_files[:1])
+        assert scp.received == []
+        unchecked = {"ca_file": tls["ca"], "check_hostname": False}
+        send_dicom(config_for(scp.port, tls=unchecked), ct_files[:1])
+    assert len(scp.received) == 1
+
+
 def test_status_outcomes():
     assert store_status_outcome(0x0000) == "delivered"
     for warning in (0xB000, 0xB006, 0xB007, 0x0107):

@@ -216,7 +216,8 @@ def _send_over_one_association(
     ae.maximum_pdu_size = config.max_pdu
     tls_args = None
     if config.tls is not None:
-        tls_args = (_ssl_context(config.tls), config.host if config.tls.check_hostname else "")
+        # the host name is sent for SNI; it is verified only when check_hostname is set
+        tls_args = (_ssl_context(config.tls), config.host)
     assoc = ae.associate(
         config.host,
         config.port,
