@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-APT_PACKAGES := dcmtk dicom3tools orthanc plastimatch
+APT_PACKAGES := dcmtk dicom3tools orthanc plastimatch postgresql
 PLUGINS := plugins/autocontour plugins/plan_check plugins/image_guidance
 PYTEST_ARGS ?=
 
@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt $(addsuffix /pyproject.toml,$
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned to the CPU build (monai would otherwise pull a CUDA build)
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[web,dev]' $(addprefix -e ,$(PLUGINS))
+	$(PIP) install -q -c constraints.txt -e '.[web,dev,postgres]' $(addprefix -e ,$(PLUGINS))
 	touch $@
 
 demo: install

@@ -82,6 +82,50 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def _instance_upserts(dialect: str) -> tuple[Any, Any, Any]:
+    """INSERT ... ON CONFLICT statements (SQLite and PostgreSQL) indexing one instance: add the
+    instance unless known, create or touch its study, create or count it into its series."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    from sqlalchemy import case
+
+    # RETURNING tells a new row from a known one (psycopg reports no rowcount here)
+    add_instance = (
+        insert(Instance)
+        .on_conflict_do_nothing(index_elements=[Instance.sop_uid])
+        .returning(Instance.sop_uid)
+    )
+    study = insert(Study)
+    touch_study = study.on_conflict_do_update(
+        index_elements=[Study.study_uid],
+        set_={
+            "last_received": case(
+                (study.excluded.last_received > Study.last_received, study.excluded.last_received),
+                else_=Study.last_received,
+            ),
+            "completed_at": None,  # a late series is matched again
+        },
+    )
+    series = insert(Series)
+    touch_series = series.on_conflict_do_update(
+        index_elements=[Series.series_uid],
+        set_={
+            "instance_count": Series.instance_count + 1,
+            "last_received": case(
+                (
+                    series.excluded.last_received > Series.last_received,
+                    series.excluded.last_received,
+                ),
+                else_=Series.last_received,
+            ),
+            "completed_at": None,
+        },
+    )
+    return add_instance, touch_study, touch_series
+
+
 def run_migrations(url: str) -> None:
     """Bring the schema at ``url`` to the newest revision."""
     from alembic import command
@@ -107,6 +151,7 @@ class Store:
             run_migrations(url)
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._upserts: tuple[Any, Any, Any] | None = None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -130,6 +175,8 @@ class Store:
         return False
 
     def _record_instance(self, rec: InstanceRecord) -> bool:
+        if self.engine.dialect.name in ("sqlite", "postgresql"):
+            return self._record_instance_upsert(rec)
         with self.session() as s:
             if s.get(Instance, rec.sop_instance_uid) is not None:
                 return False
@@ -181,6 +228,58 @@ class Store:
                     source=rec.source,
                     calling_ae=rec.calling_ae,
                 )
+            )
+        return True
+
+    def _record_instance_upsert(self, rec: InstanceRecord) -> bool:
+        """``_record_instance`` as three cached upserts: it runs before every C-STORE success
+        status, and the ORM version costs about ten times as much CPU."""
+        if self._upserts is None:
+            self._upserts = _instance_upserts(self.engine.dialect.name)
+        add_instance, touch_study, touch_series = self._upserts
+        now = rec.received_at
+        with self.engine.begin() as conn:
+            added = conn.execute(
+                add_instance,
+                {
+                    "sop_uid": rec.sop_instance_uid,
+                    "sop_class_uid": rec.sop_class_uid,
+                    "series_uid": rec.series_instance_uid,
+                    "study_uid": rec.study_instance_uid,
+                    "transfer_syntax": rec.transfer_syntax,
+                    "path": rec.path,
+                    "size": rec.size,
+                    "received_at": now,
+                    "source": rec.source,
+                    "calling_ae": rec.calling_ae,
+                },
+            )
+            if added.first() is None:
+                return False
+            conn.execute(
+                touch_study,
+                {
+                    "study_uid": rec.study_instance_uid,
+                    "patient_id": rec.patient_id,
+                    "first_received": now,
+                    "last_received": now,
+                },
+            )
+            conn.execute(
+                touch_series,
+                {
+                    "series_uid": rec.series_instance_uid,
+                    "study_uid": rec.study_instance_uid,
+                    "patient_id": rec.patient_id,
+                    "modality": rec.modality,
+                    "source": rec.source,
+                    "calling_ae": rec.calling_ae,
+                    "called_ae": rec.called_ae,
+                    "attributes": rec.attributes,
+                    "instance_count": 1,
+                    "first_received": now,
+                    "last_received": now,
+                },
             )
         return True
 

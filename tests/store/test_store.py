@@ -1,0 +1,157 @@
+"""The job store on its embedded default (SQLite, WAL) and on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, text
+
+from rtauto.store import InstanceRecord, Store
+from rtauto.testing import free_port
+
+TABLES = {"instances", "series", "studies", "jobs", "steps", "artifacts", "deliveries", "audit"}
+
+
+def record(sop: str, series: str = "1.2.3.2", study: str = "1.2.3.1") -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        series_instance_uid=series,
+        study_instance_uid=study,
+        patient_id="P1",
+        modality="CT",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        path=f"{study}/{series}/{sop}.dcm",
+        size=10,
+        source="scp",
+        attributes={"SeriesDescription": "Planning CT"},
+    )
+
+
+def exercise(store: Store, tmp_path: Path) -> None:
+    """The store operations the daemon relies on, on any backend."""
+    assert set(inspect(store.engine).get_table_names()) >= TABLES
+    assert store.record_instance(record("1.2.3.4"))
+    assert not store.record_instance(record("1.2.3.4")), "a re-sent instance is indexed once"
+    assert store.record_instance(record("1.2.3.5"))
+    [series] = store.pending_series()
+    assert series.instance_count == 2
+    assert series.attributes["SeriesDescription"] == "Planning CT"
+    store.mark_series_complete(series.series_uid)
+    assert store.pending_series() == []
+    store.record_instance(record("1.2.3.6"))  # a late instance opens the series again
+    assert [s.series_uid for s in store.pending_series()] == ["1.2.3.2"]
+
+    kwargs = dict(
+        dedupe_key="wf:abc:series:1.2.3.2",
+        workflow_name="wf",
+        workflow_hash="abc",
+        workflow_text="name: wf",
+        workflow_path="wf.yaml",
+        scope="series",
+        study_uid="1.2.3.1",
+        series_uid="1.2.3.2",
+        input_series=["1.2.3.2"],
+        step_ids=[("a", "x.a"), ("b", "x.b")],
+        jobs_dir=tmp_path,
+    )
+    job = store.create_job(**kwargs)
+    assert job is not None
+    assert store.create_job(**kwargs) is None, "one job per workflow version and series"
+    assert store.get_job(job.id[:8]).id == job.id
+    store.finish_step(
+        job.id,
+        "a",
+        status="ok",
+        outputs={"outcome": "pass"},
+        artifacts=[{"path": str(tmp_path / "a.dcm"), "kind": "RTSTRUCT", "sha256": "0" * 64}],
+    )
+    assert [s.status for s in sorted(store.steps_of(job.id), key=lambda s: s.step_id)] == [
+        "ok",
+        "pending",
+    ]
+    first = store.delivery(job.id, "a", "1.2.3.9", "a.dcm", "tps")
+    again = store.delivery(job.id, "a", "1.2.3.9", "a.dcm", "tps")
+    assert first.id == again.id
+    store.update_delivery(first.id, status="delivered", attempts=1, delivered_at=time.time())
+    assert [d.status for d in store.deliveries_of(job.id)] == ["delivered"]
+    store.audit("test.event", job.id, "hello", value=1)
+    assert store.audit_events("test.")[0].data == {"value": 1}
+
+
+def test_sqlite_store_is_in_wal_mode(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'rtauto.db'}", migrate=True)
+    with store.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    exercise(store, tmp_path)
+    store.close()
+    # migrating an up-to-date store again is a no-op
+    Store(f"sqlite:///{tmp_path / 'rtauto.db'}", migrate=True).close()
+
+
+@pytest.fixture
+def postgres(tmp_path: Path) -> Iterator[str]:
+    """A PostgreSQL server of this machine's installation, on loopback, for this test only."""
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL server binaries are not installed (make install installs them)")
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("no postgres system user to run the server as")
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install rtauto[postgres])")
+    # the server runs as the postgres user, who cannot enter pytest's private tmp folders
+    root = Path(tempfile.mkdtemp(prefix="rtauto-pg-"))
+    root.chmod(0o755)
+    data = root / "pgdata"
+    data.mkdir()
+    shutil.chown(data, "postgres", "postgres")
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    subprocess.run(
+        [*as_postgres, initdb, "-D", str(data), "-U", "rtauto", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    socket_dir = root / "sock"
+    socket_dir.mkdir()
+    shutil.chown(socket_dir, "postgres", "postgres")
+    options = f"-p {port} -k {socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(
+        [
+            *as_postgres,
+            pg_ctl,
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-l",
+            str(data / "log"),
+            "-w",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql+psycopg://rtauto@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            [*as_postgres, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_postgresql_store_by_url(postgres, tmp_path):
+    store = Store(postgres, migrate=True)
+    exercise(store, tmp_path)
+    store.close()
+    Store(postgres, migrate=True).close()
