@@ -172,6 +172,7 @@ class CountingSCP:
         ssl_context: Any = None,
         transfer_syntaxes: Sequence[str] | None = None,
         port: int | None = None,
+        sop_classes: Sequence[str] | None = None,
     ):
         self.folder = folder
         self.ae_title = ae_title
@@ -185,8 +186,8 @@ class CountingSCP:
         ae = AE(ae_title=ae_title)
         ae.require_called_aet = require_called_aet
         ae.maximum_associations = maximum_associations
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, transfer_syntaxes or None)
+        for sop_class in sop_classes or [c.abstract_syntax for c in AllStoragePresentationContexts]:
+            ae.add_supported_context(sop_class, transfer_syntaxes or None)
         self.ae = ae
         self.ssl_context = ssl_context
         self._server: Any = None

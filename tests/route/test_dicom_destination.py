@@ -140,6 +140,18 @@ def test_peer_without_the_needed_transfer_syntax_refuses_for_good(kit, tmp_path,
     assert scp.received == []
 
 
+def test_sop_class_the_peer_does_not_take_is_refused_and_the_rest_delivered(
+    kit, tmp_path, ct_files, test_data
+):
+    rtplan = test_data / "dicompyler-core-example" / "rtplan.dcm"
+    confirmed: list[Path] = []
+    scp = kit.CountingSCP(tmp_path / "counted", sop_classes=[CTImageStorage])
+    with scp, pytest.raises(StepFailed, match="rtplan.dcm: No presentation context"):
+        send_dicom(config_for(scp.port), [rtplan, *ct_files], on_delivered=confirmed.append)
+    assert confirmed == ct_files
+    assert scp.associations == 1
+
+
 def test_closed_port_is_transient(ct_files):
     with pytest.raises(StepRetry, match="cannot reach"):
         send_dicom(config_for(free_port(), timeout=5), ct_files[:1])
