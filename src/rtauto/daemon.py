@@ -42,6 +42,8 @@ class Daemon:
         self.scp: Any = None
         self.watcher: Any = None
         self.scp_port: int | None = None
+        self.web: Any = None
+        self.web_port: int | None = None
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
         self._last_reload = 0.0
@@ -90,12 +92,29 @@ class Daemon:
             self.watcher.start()
             for folder in settings.watch:
                 log.info("watching %s (settle %.1f s)", folder.path, folder.settle_seconds)
+        if settings.web.enabled:
+            from rtauto.web.app import WebServer, create_app
+
+            app = create_app(
+                self.store,
+                settings,
+                workflows=lambda: self.library.workflows,
+                workflow_errors=lambda: self.library.errors,
+                last_tick=lambda: self.last_tick,
+            )
+            self.web = WebServer(app, settings.web.host, settings.web.port)
+            self.web_port = self.web.start()
+            log.info(
+                "dashboard on http://%s:%s/ (metrics: /metrics)", settings.web.host, self.web_port
+            )
         self._write_state()
         self._loop = threading.Thread(target=self._run_loop, name="rtauto-loop", daemon=True)
         self._loop.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if self.web is not None:
+            self.web.stop()
         if self.watcher is not None:
             self.watcher.stop()
         if self.scp is not None:
@@ -134,6 +153,7 @@ class Daemon:
             "ae_title": self.settings.scp.ae_title,
             "host": self.settings.scp.host,
             "port": self.scp_port,
+            "web_port": self.web_port,
             "home": str(self.settings.home),
             "store_url": self.settings.database_url,
             "started_at": time.time(),

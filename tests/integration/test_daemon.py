@@ -346,3 +346,44 @@ steps:
     hashes = [j.workflow_hash for j in sorted(jobs, key=lambda j: j.created_at)]
     assert hashes[0] == hashes[1] != hashes[2]
     assert os.path.exists(path)
+
+
+def test_dashboard_api_and_metrics(daemon_factory, tmp_path):
+    import json as _json
+    import urllib.request
+
+    from rtauto.testing import free_port
+
+    web_port = free_port()
+    daemon = daemon_factory({"web": {"enabled": True, "port": web_port}})
+    daemon.add_workflow(
+        "count",
+        """\
+name: count-ct
+trigger: {modality: CT}
+completion: {series_quiet: 1s}
+steps:
+  - id: count
+    uses: site.sleep
+    with: {seconds: 0}
+""",
+    )
+    daemon.start()
+    storescu(daemon.port, write_ct_series(tmp_path / "ct", rows=16, cols=16, slices=3).files)
+    [job] = daemon.wait_for_jobs("count-ct")
+
+    def get(path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}{path}", timeout=10) as r:
+            return r.read().decode()
+
+    jobs = _json.loads(get("/api/jobs"))
+    assert [j["job"] for j in jobs] == [job.id]
+    assert _json.loads(get(f"/api/jobs/{job.id[:8]}"))["steps"][0]["outcome"] == "ok"
+    metrics = get("/metrics")
+    assert "rtauto_instances_received_total 3" in metrics
+    assert 'rtauto_jobs{status="ok"} 1' in metrics
+    assert 'rtauto_steps{uses="site.sleep",status="ok"} 1' in metrics
+    assert "rtauto_up 1" in metrics
+    page = get("/")
+    assert "count-ct" in page and job.id[:12] in page
+    assert _json.loads(get("/api/workflows"))["workflows"][0]["name"] == "count-ct"

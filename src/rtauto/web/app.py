@@ -1,0 +1,276 @@
+"""The daemon's dashboard, REST API and Prometheus metrics (FastAPI), read from the job store.
+
+Endpoints: ``/`` (dashboard page), ``/api/status``, ``/api/jobs``, ``/api/jobs/{id}``,
+``/api/workflows``, ``/metrics`` (Prometheus text format). Everything is read-only.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import HTMLResponse, PlainTextResponse
+from sqlalchemy import func, select
+
+from rtauto import __version__
+from rtauto.store import Store
+from rtauto.store.models import Delivery, Instance, Job, StepRun
+
+
+def _status(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    with store.session() as s:
+        jobs = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+        deliveries = dict(
+            s.execute(select(Delivery.status, func.count()).group_by(Delivery.status)).all()
+        )
+        instances = s.scalar(select(func.count()).select_from(Instance)) or 0
+    quarantined = (
+        sum(1 for p in settings.quarantine_dir.glob("*") if p.is_file() and "reason" not in p.name)
+        if settings.quarantine_dir.exists()
+        else 0
+    )
+    return {
+        "version": __version__,
+        "instances": instances,
+        "jobs": jobs,
+        "deliveries": deliveries,
+        "quarantined": quarantined,
+        **extra(),
+    }
+
+
+def _metrics(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) -> str:
+    """Prometheus exposition text, computed from the store at scrape time."""
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: Iterator[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lines.append(f"{name}{labels} {value:g}")
+
+    status = _status(store, settings, extra)
+    with store.session() as s:
+        steps = s.execute(
+            select(StepRun.uses, StepRun.status, func.count()).group_by(
+                StepRun.uses, StepRun.status
+            )
+        ).all()
+        durations = s.execute(
+            select(StepRun.uses, func.sum(StepRun.finished_at - StepRun.started_at), func.count())
+            .where(StepRun.finished_at.is_not(None), StepRun.started_at.is_not(None))
+            .group_by(StepRun.uses)
+        ).all()
+    family(
+        "rtauto_instances_received_total",
+        "counter",
+        "DICOM instances stored in the spool",
+        iter([("", status["instances"])]),
+    )
+    family(
+        "rtauto_quarantined_files",
+        "gauge",
+        "files refused and kept in the quarantine",
+        iter([("", status["quarantined"])]),
+    )
+    family(
+        "rtauto_jobs",
+        "gauge",
+        "jobs by status",
+        ((f'{{status="{k}"}}', v) for k, v in sorted(status["jobs"].items())),
+    )
+    family(
+        "rtauto_steps",
+        "gauge",
+        "steps by step type and status",
+        ((f'{{uses="{u}",status="{st}"}}', n) for u, st, n in steps),
+    )
+    family(
+        "rtauto_step_seconds_sum",
+        "counter",
+        "time spent in finished steps, by step type",
+        ((f'{{uses="{u}"}}', float(total or 0)) for u, total, _ in durations),
+    )
+    family(
+        "rtauto_step_seconds_count",
+        "counter",
+        "finished steps, by step type",
+        ((f'{{uses="{u}"}}', n) for u, _, n in durations),
+    )
+    family(
+        "rtauto_deliveries",
+        "gauge",
+        "deliveries by status (dead: the dead-letter list)",
+        ((f'{{status="{k}"}}', v) for k, v in sorted(status["deliveries"].items())),
+    )
+    family(
+        "rtauto_workflows_loaded",
+        "gauge",
+        "workflows currently active",
+        iter([("", status.get("workflows_loaded", 0))]),
+    )
+    family(
+        "rtauto_workflow_files_refused",
+        "gauge",
+        "workflow files whose last edit was refused",
+        iter([("", status.get("workflow_errors", 0))]),
+    )
+    family(
+        "rtauto_up",
+        "gauge",
+        "1 while the daemon's scheduling loop runs",
+        iter([("", 1 if time.time() - status.get("last_tick", 0) < 30 else 0)]),
+    )
+    return "\n".join(lines) + "\n"
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>rtauto</title>
+<meta http-equiv="refresh" content="5">
+<style>
+body{{font-family:system-ui,sans-serif;margin:1.5rem;color:#222}}
+table{{border-collapse:collapse;width:100%}}td,th{{padding:.3rem .6rem;border-bottom:1px solid #ddd;
+text-align:left;font-size:.9rem}}.ok{{color:#17702b}}.fail{{color:#b00020;font-weight:600}}
+.running,.pending{{color:#8a6d00}}.cards{{display:flex;gap:1rem;margin:1rem 0}}
+.card{{border:1px solid #ddd;border-radius:6px;padding:.6rem 1rem}}.card b{{font-size:1.4rem}}
+code{{font-size:.85rem}}</style></head><body>
+<h1>rtauto {version}</h1>
+<div class="cards">{cards}</div>
+<h2>Workflows</h2><table><tr><th>name</th><th>version</th><th>file</th></tr>{workflows}</table>
+{errors}
+<h2>Recent jobs</h2>
+<table><tr><th>job</th><th>workflow</th><th>status</th><th>created</th><th>steps</th></tr>
+{jobs}</table></body></html>"""
+
+
+def create_app(
+    store: Store,
+    settings: Any,
+    workflows: Callable[[], list[Any]] = list,
+    workflow_errors: Callable[[], dict[Any, list[str]]] = dict,
+    last_tick: Callable[[], float] = time.time,
+) -> FastAPI:
+    """The web application over ``store``; the callables give the daemon's live state."""
+    from rtauto.cli import job_summary
+
+    app = FastAPI(title="rtauto", version=__version__)
+
+    def extra() -> dict[str, Any]:
+        return {
+            "workflows_loaded": len(workflows()),
+            "workflow_errors": len(workflow_errors()),
+            "last_tick": last_tick(),
+        }
+
+    @app.get("/api/status")
+    def api_status() -> dict[str, Any]:
+        return _status(store, settings, extra)
+
+    @app.get("/api/jobs")
+    def api_jobs(limit: int = 50, status: str | None = None) -> list[dict[str, Any]]:
+        rows = store.list_jobs([status] if status else None, limit=min(limit, 500))
+        return [job_summary(store, j.id) for j in rows]
+
+    @app.get("/api/jobs/{job_id}")
+    def api_job(job_id: str) -> dict[str, Any]:
+        job = store.get_job(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return job_summary(store, job.id)
+
+    @app.get("/api/workflows")
+    def api_workflows() -> dict[str, Any]:
+        return {
+            "workflows": [
+                {"name": w.workflow.name, "hash": w.hash, "path": str(w.path)} for w in workflows()
+            ],
+            "errors": {str(k): v for k, v in workflow_errors().items()},
+        }
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> str:
+        return _metrics(store, settings, extra)
+
+    @app.get("/", response_class=HTMLResponse)
+    def dashboard() -> str:
+        status = _status(store, settings, extra)
+        cards = "".join(
+            f'<div class="card">{html.escape(label)}<br><b>{value}</b></div>'
+            for label, value in (
+                ("instances received", status["instances"]),
+                ("jobs ok", status["jobs"].get("ok", 0)),
+                ("jobs failed", status["jobs"].get("fail", 0)),
+                (
+                    "jobs running",
+                    status["jobs"].get("running", 0) + status["jobs"].get("pending", 0),
+                ),
+                ("dead letters", status["deliveries"].get("dead", 0)),
+                ("quarantined files", status["quarantined"]),
+            )
+        )
+        rows = []
+        for job in store.list_jobs(limit=50):
+            steps = ", ".join(
+                f'<span class="{html.escape(s.status)}">{html.escape(s.step_id)}</span>'
+                for s in store.steps_of(job.id)
+            )
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
+            error = f"<br><small>{html.escape(job.error)}</small>" if job.error else ""
+            rows.append(
+                f"<tr><td><code>{job.id[:12]}</code></td><td>{html.escape(job.workflow_name)}</td>"
+                f'<td class="{html.escape(job.status)}">{html.escape(job.status)}{error}</td>'
+                f"<td>{created}</td><td>{steps}</td></tr>"
+            )
+        flows = "".join(
+            f"<tr><td>{html.escape(w.workflow.name)}</td><td><code>{w.hash[:12]}</code></td>"
+            f"<td>{html.escape(str(w.path))}</td></tr>"
+            for w in workflows()
+        )
+        errors = workflow_errors()
+        error_html = ""
+        if errors:
+            items = "".join(
+                f"<li><code>{html.escape(line)}</code></li>"
+                for lines in errors.values()
+                for line in lines
+            )
+            error_html = f"<h2>Refused workflow edits</h2><ul>{items}</ul>"
+        return PAGE.format(
+            version=__version__,
+            cards=cards,
+            workflows=flows or '<tr><td colspan="3">none</td></tr>',
+            errors=error_html,
+            jobs="".join(rows) or '<tr><td colspan="5">no jobs yet</td></tr>',
+        )
+
+    return app
+
+
+class WebServer:
+    """Runs the app with uvicorn in a thread of the daemon."""
+
+    def __init__(self, app: FastAPI, host: str, port: int):
+        import uvicorn
+
+        self.config = uvicorn.Config(app, host=host, port=port, log_level="warning")
+        self.server = uvicorn.Server(self.config)
+        self.thread: Any = None
+
+    def start(self) -> int:
+        import threading
+
+        self.thread = threading.Thread(target=self.server.run, name="rtauto-web", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sockets = [s for server in self.server.servers for s in server.sockets]
+        return sockets[0].getsockname()[1] if sockets else self.config.port
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=10)
