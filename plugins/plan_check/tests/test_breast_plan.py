@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
-from rtauto.hooks import build_plugin_manager
 from rtauto_plan_check.data import load_plan_set
 from rtauto_plan_check.step import PlanCheckParams
+
+from rtauto.hooks import build_plugin_manager
 
 OVERRIDES = {
     "required_structures": {"names": ["External", "Heart", "Lung_L"]},
