@@ -11,7 +11,9 @@ at start; a slower periodic rescan catches anything whose file system event was 
 files (``.name``, the usual form of a partial copy), ``*.tmp``/``*.part`` and ``DICOMDIR`` are
 left alone. Refused files are quarantined with their reason by the spool; the original stays
 unless ``delete_after_ingest``, in which case it is removed only after its spool copy or its
-quarantined copy is durable.
+quarantined copy is durable, and only when it did not change while it was read. A writer that
+pauses longer than ``settle_seconds`` has its partial file quarantined as truncated (and, with
+``delete_after_ingest``, removed): set the settle time above the longest pause of the senders.
 """
 
 from __future__ import annotations
@@ -226,6 +228,13 @@ class FolderWatcher:
             if self._candidates.get(path) is candidate:
                 del self._candidates[path]
             self._done[path] = signature
+        if self._changed_since(path, signature):
+            # written to while it was read (a writer that paused longer than the settle
+            # time): keep it, and ingest the new content once it settles
+            log.warning("%s changed while it was ingested; it is looked at again", path)
+            self._forget(path)
+            self._touch(candidate.folder, path)
+            return
         if candidate.folder.delete_after_ingest:
             try:
                 path.unlink()
@@ -234,3 +243,11 @@ class FolderWatcher:
             except OSError as exc:
                 log.error("cannot delete %s after ingest: %s", path, exc)
             self._forget(path)
+
+    @staticmethod
+    def _changed_since(path: Path, signature: tuple[int, int]) -> bool:
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        return (st.st_size, st.st_mtime_ns) != signature
