@@ -349,7 +349,7 @@ class DVH:
 
     name: str
     volume: float
-    doses: np.ndarray  # sample doses, sorted from highest to lowest
+    doses: np.ndarray  # distinct sample doses, from highest to lowest
     cumulative: np.ndarray  # volume (cc) receiving at least doses[i]
     minimum: float
     maximum: float
@@ -372,11 +372,16 @@ class DVH:
         return self.d_cc(self.volume * percent / 100.0)
 
     def v_gy(self, dose_gy: float) -> float:
-        """Volume (cc) receiving at least ``dose_gy``."""
-        if len(self.doses) == 0:
+        """Volume (cc) receiving at least ``dose_gy`` (the inverse of :meth:`d_cc`)."""
+        if len(self.doses) == 0 or dose_gy > self.maximum:
             return 0.0
-        count = int(np.searchsorted(-self.doses, -dose_gy, side="right"))
-        return float(self.cumulative[count - 1]) if count else 0.0
+        if dose_gy <= self.minimum:
+            return self.volume
+        weights = np.diff(self.cumulative, prepend=0.0)
+        centres = self.cumulative - weights / 2
+        # doses fall as the cumulative volume grows: interpolate on the negated doses
+        value = np.interp(-dose_gy, -self.doses, centres, left=0.0, right=self.volume)
+        return float(min(max(value, 0.0), self.volume))
 
     def v_gy_percent(self, dose_gy: float) -> float:
         """Percent of the structure volume receiving at least ``dose_gy``."""
@@ -482,7 +487,7 @@ def compute_dvh(
     step = _auto_step(structure, dose, supersample, structure.volume_cc(end_cap))
     lo_hi = structure.bounds()
     assert lo_hi is not None
-    lo = lo_hi[0][:2] - step
+    lo = lo_hi[0][:2] - step / 2  # cell centres: the lattice is symmetric about the contour
     shape = (
         int(math.ceil((lo_hi[1][1] - lo[1]) / step)) + 2,
         int(math.ceil((lo_hi[1][0] - lo[0]) / step)) + 2,
@@ -542,11 +547,14 @@ def compute_dvh(
     weights = np.concatenate(all_weights) / 1000.0
     if weights.sum() <= 0:
         return DVH(structure.name, 0.0, empty, empty, nan, nan, nan)
-    order = np.argsort(-doses, kind="stable")
-    doses, weights = doses[order], weights[order]
-    cumulative = np.cumsum(weights)
-    volume = float(cumulative[-1])
     bound = np.concatenate([doses, extremes])
+    mean = float(np.dot(doses, weights) / weights.sum())
+    # equal doses form one block, so doses fall strictly and interpolation is well defined
+    unique, inverse = np.unique(-doses, return_inverse=True)
+    block_volumes = np.bincount(inverse.ravel(), weights=weights)
+    doses = -unique
+    cumulative = np.cumsum(block_volumes)
+    volume = float(cumulative[-1])
     return DVH(
         name=structure.name,
         volume=volume,
@@ -554,7 +562,7 @@ def compute_dvh(
         cumulative=cumulative,
         minimum=float(bound.min()),
         maximum=float(bound.max()),
-        mean=float(np.dot(doses, weights) / volume),
+        mean=mean,
         outside_grid=outside / 1000.0,
     )
 
