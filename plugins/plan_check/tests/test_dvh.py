@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
 from rtauto_plan_check.dvh import DoseGrid, Structure, compute_dvh, read_structures
 
 

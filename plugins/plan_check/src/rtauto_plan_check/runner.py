@@ -272,6 +272,7 @@ def _plan_summary(plan: PlanSet) -> dict[str, Any]:
     return {
         "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
         "modality": str(ds.get("Modality", "")),
+        "ion_plan": plan.is_ion,
         "label": str(ds.get("RTPlanLabel", "") or ""),
         "patient_id": str(ds.get("PatientID", "") or ""),
         "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
