@@ -153,11 +153,11 @@ def test_nelms_benchmark_against_analytic_values(test_data: Path) -> None:
     errors = [nelms_errors(case, cache) for case in cases]
     doses = np.array([[abs(e[m]) for m in METRICS] for e in errors])
     volumes = np.array([abs(e["Volume%"]) for e in errors])
-    # every D-point: median and 90th percentile within 1 % of the prescription (28 Gy)
-    assert np.median(doses) <= 0.5 * ONE_PERCENT_CGY
-    assert np.percentile(doses, 90) <= ONE_PERCENT_CGY
+    # every D-point: median within 0.1 %, 90 % of them within 1 % of the prescription (28 Gy)
+    assert np.median(doses) <= 0.1 * ONE_PERCENT_CGY
+    assert np.mean(doses <= ONE_PERCENT_CGY) >= 0.9
     # Dmin, Dmax, Dmean: within 1 % everywhere
     assert doses[:, :3].max() <= ONE_PERCENT_CGY
-    # worst D-point (rotated cylinder, superior-inferior gradient, 3 mm slices) under 6 %
-    assert doses.max() <= 6 * ONE_PERCENT_CGY
+    # worst D-points (D99/D1 of shapes cut coarsely by 3 mm slices) within 4 %
+    assert doses.max() <= 4 * ONE_PERCENT_CGY
     assert volumes.max() <= 5.0
