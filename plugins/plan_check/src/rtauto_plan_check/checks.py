@@ -345,22 +345,23 @@ def uid_chain(plan: PlanSet, params: Mapping[str, Any]) -> CheckResult:
             f"the plan references structure set {referenced or 'none'}, "
             f"the study holds {rs.SOPInstanceUID}"
         )
-    series = {
-        str(s.SeriesInstanceUID)
+    referenced_series = [
+        s
         for f in rs.get("ReferencedFrameOfReferenceSequence", [])
         for st in f.get("RTReferencedStudySequence", [])
         for s in st.get("RTReferencedSeriesSequence", [])
-    }
+    ]
+    series = {str(s.SeriesInstanceUID) for s in referenced_series}
     if plan.ct:
         ct_series = {str(c.SeriesInstanceUID) for c in plan.ct}
         facts["ct_series"] = sorted(ct_series)
         if not series & ct_series:
             problems.append(f"the structure set references CT series {sorted(series)}")
+        # the series-level image list (the per-contour references repeat it, slowly to read)
         images = {
             str(ci.ReferencedSOPInstanceUID)
-            for roi in rs.get("ROIContourSequence", [])
-            for c in roi.get("ContourSequence", [])
-            for ci in c.get("ContourImageSequence", [])
+            for s in referenced_series
+            for ci in s.get("ContourImageSequence", [])
         }
         present = {str(c.SOPInstanceUID) for c in plan.ct}
         facts["contour_images_present"] = f"{len(images & present)} of {len(images)}"
