@@ -191,6 +191,9 @@ def _base_dataset(
     for keyword in _PATIENT_STUDY_KEYWORDS:
         if keyword in study:
             setattr(ds, keyword, study.get(keyword))
+    if str(ds.get("PatientSex", "")) not in ("M", "F", "O"):
+        # an out-of-range source value (seen in anonymised data) would make the REG invalid
+        ds.PatientSex = ""
     for keyword in ("PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime"):
         if keyword not in ds:
             setattr(ds, keyword, "")

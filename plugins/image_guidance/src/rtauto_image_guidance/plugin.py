@@ -95,7 +95,9 @@ class RegisterParams(_Strict):
         None, description="treatment isocentre in patient coordinates; default: daily image centre"
     )
     couch_shift: bool = Field(True, description="compute the IEC 61217 couch shift")
-    grid_spacing_mm: float = Field(40.0, gt=5, description="deformable: B-spline control points")
+    smoothing_mm: float = Field(
+        3.0, gt=0, description="deformable: field regularisation (Gaussian)"
+    )
     field_spacing_mm: float = Field(4.0, gt=0.5, description="deformable: written vector grid")
 
 
@@ -188,7 +190,8 @@ def register_images(ctx: StepContext, params: RegisterParams) -> StepResult:
             daily.image,
             rigid,
             settings=settings,
-            grid_spacing_mm=params.grid_spacing_mm,
+            smoothing_mm=params.smoothing_mm,
+            match_histograms=reference.modality == daily.modality,
             field_spacing_mm=params.field_spacing_mm,
         )
         quality["deformable"] = {
@@ -255,7 +258,7 @@ def register_images(ctx: StepContext, params: RegisterParams) -> StepResult:
                 study=daily.header,
                 software_versions=software,
                 derivation_description=derivation,
-                content_description="rigid and B-spline registration",
+                content_description="rigid and demons registration",
                 series_description="rtauto image guidance deformable",
             )
             ctx.add_artifact(
@@ -274,13 +277,13 @@ def register_images(ctx: StepContext, params: RegisterParams) -> StepResult:
         "quality": quality,
         "reference_series_uid": reference.series_instance_uid,
         "reference_found_by": reference_choice.found_by,
+        "isocenter_mm": [round(float(v), 3) for v in isocenter],
     }
     if "report" in params.outputs:
         report = {
             **outputs,
             "patient_id": daily.patient_id,
             "patient_position": daily.patient_position,
-            "isocenter_mm": [round(float(v), 3) for v in isocenter],
             "image_of_the_day": {
                 "series_instance_uid": daily.series_instance_uid,
                 "frame_of_reference_uid": daily.frame_of_reference_uid,

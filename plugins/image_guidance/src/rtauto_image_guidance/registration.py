@@ -1,4 +1,4 @@
-"""Rigid and deformable registration (SimpleITK; elastix through itk-elastix as an option).
+"""Rigid (SimpleITK or itk-elastix) and deformable (SimpleITK demons) registration.
 
 Direction: every transform here maps a point of the *fixed* (reference, e.g. planning CT)
 image's patient coordinates to the corresponding point of the *moving* (e.g. daily) image's
@@ -76,7 +76,7 @@ class DeformableResult:
     """A deformable registration sampled as a displacement field on a grid of the fixed image."""
 
     rigid: RigidResult
-    transform: sitk.Transform  # fixed -> moving, rigid and B-spline composed
+    transform: sitk.Transform  # fixed -> moving, rigid and demons field composed
     field: sitk.Image  # vector image, displacement (mm) fixed point -> moving point
     metric_before: dict[str, float]  # similarity() at the rigid result
     metric_after: dict[str, float]
@@ -446,56 +446,38 @@ def deformable_register(
     rigid: RigidResult,
     *,
     settings: RigidSettings | None = None,
-    grid_spacing_mm: float = 40.0,
+    smoothing_mm: float = 3.0,
     field_spacing_mm: float = 4.0,
-    iterations: int = 60,
+    iterations: int = 50,
+    match_histograms: bool = True,
 ) -> DeformableResult:
-    """B-spline registration on top of ``rigid``; the result sampled as a displacement field.
+    """Demons registration (symmetric forces) on top of ``rigid``, sampled as a displacement field.
 
-    The field covers the fixed image's part of the moving field of view on a grid of
-    ``field_spacing_mm``, along the fixed image's axes.
+    Suited to images of one modality (CT/CBCT, MR/MR of one sequence); ``match_histograms``
+    maps the moving intensities onto the fixed ones first. ``smoothing_mm`` regularises the
+    field (Gaussian, each iteration). The field covers the fixed image's part of the moving
+    field of view on a grid of ``field_spacing_mm`` along the fixed image's axes, and holds the
+    whole transform (rigid included): fixed point ``x`` lies at ``x + D(x)`` in the moving image.
     """
     settings = settings or RigidSettings()
     start = time.perf_counter()
     fixed_work, moving_work = _prepare(fixed, moving, rigid.fixed_to_moving, settings)
-    mesh = [
-        max(1, int(round(sz * sp / grid_spacing_mm)))
-        for sz, sp in zip(fixed_work.GetSize(), fixed_work.GetSpacing(), strict=True)
-    ]
-    bspline = sitk.BSplineTransformInitializer(fixed_work, mesh, order=3)
-    method = sitk.ImageRegistrationMethod()
-    if settings.metric == "mattes":
-        method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.histogram_bins)
-    elif settings.metric == "correlation":
-        method.SetMetricAsCorrelation()
-    else:
-        method.SetMetricAsMeanSquares()
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(
-        min(1.0, 4 * settings.samples / float(np.prod(fixed_work.GetSize()))), settings.seed
-    )
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsLBFGSB(
-        gradientConvergenceTolerance=1e-5,
-        numberOfIterations=iterations,
-        maximumNumberOfCorrections=5,
-    )
-    method.SetShrinkFactorsPerLevel([2, 1])
-    method.SetSmoothingSigmasPerLevel([1.0, 0.0])
-    method.SetMovingInitialTransform(rigid.transform)
-    method.SetInitialTransform(bspline, inPlace=True)
-    metric_before = similarity(
-        fixed_work, moving_work, sitk.CompositeTransform([rigid.transform, bspline])
-    )
+    background = float(np.min(sitk.GetArrayViewFromImage(moving_work)))
+    moved = sitk.Resample(moving_work, fixed_work, rigid.transform, sitk.sitkLinear, background)
+    if match_histograms:
+        moved = sitk.HistogramMatching(moved, fixed_work, 256, 7, True)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(iterations)
+    demons.SetStandardDeviations(smoothing_mm / settings.resolution_mm)
     try:
-        method.Execute(fixed_work, moving_work)
+        field = demons.Execute(fixed_work, moved)
     except RuntimeError as exc:
-        raise StepFailed(f"deformable registration did not converge: {exc}") from exc
-    metric_after = similarity(
-        fixed_work, moving_work, sitk.CompositeTransform([rigid.transform, bspline])
-    )
-    # ITK composite transforms apply the last added first: rigid(bspline(x))
-    composite = sitk.CompositeTransform([rigid.transform, bspline])
+        raise StepFailed(f"deformable registration failed: {exc}") from exc
+    local = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    # ITK composite transforms apply the last added first: rigid(x + d(x))
+    composite = sitk.CompositeTransform([rigid.transform, local])
+    metric_before = similarity(fixed_work, moving_work, rigid.transform)
+    metric_after = similarity(fixed_work, moving_work, composite)
     spacing = [field_spacing_mm] * 3
     size = [
         max(2, int(sz * sp / field_spacing_mm) + 1)
@@ -509,6 +491,9 @@ def deformable_register(
     to_field.SetOutputDirection(fixed_work.GetDirection())
     displacement = to_field.Execute(composite)
     jacobian = sitk.GetArrayViewFromImage(sitk.DisplacementFieldJacobianDeterminant(displacement))
+    # the filter leaves the outermost grid points at 0: only interior points have a Jacobian
+    if min(jacobian.shape) > 2:
+        jacobian = jacobian[1:-1, 1:-1, 1:-1]
     return DeformableResult(
         rigid=rigid,
         transform=composite,
