@@ -26,6 +26,7 @@ __all__ = [
     "fov_overlap",
     "rigid_register",
     "rigid_register_elastix",
+    "rotation_angle_deg",
 ]
 
 Metric = Literal["mattes", "correlation", "mean_squares"]
@@ -374,6 +375,13 @@ def rigid_register(
         )
     result.elapsed_s = time.perf_counter() - start
     return result
+
+
+def rotation_angle_deg(rotation: np.ndarray) -> float:
+    """The angle (degrees) of a 3x3 rotation, accurate for small angles too."""
+    r = np.asarray(rotation, float)
+    skew = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]]) / 2
+    return float(np.degrees(np.arctan2(np.linalg.norm(skew), (np.trace(r) - 1) / 2)))
 
 
 def cube_corners(center: np.ndarray, edge_mm: float) -> np.ndarray:
