@@ -264,3 +264,26 @@ def test_plugin_registers_its_steps_through_the_entry_point() -> None:
     step_type.warmup()
     with pytest.raises(ValueError, match="extra"):
         RegisterParams(metirc="mattes")
+
+
+def test_elastix_backend_gives_the_same_shift(tmp_path: Path) -> None:
+    pytest.importorskip("itk")
+    planned = _ct(tmp_path / "plan", "Planning CT")
+    daily, daily_input = _daily(tmp_path, shift=(8.0, -4.0, 4.0))
+    ctx = make_context(tmp_path, [input_series(planned.files), daily_input], patient_id=PATIENT)
+    params = RegisterParams(resolution_mm=4.0, backend="elastix", daily_description="CBCT")
+    result = register_images(ctx, params)
+    shift = result.outputs["couch_shift"]
+    assert result.outputs["quality"]["backend"] == "elastix"
+    assert shift["lateral_mm"] == pytest.approx(-8.0, abs=0.5)
+    assert shift["vertical_mm"] == pytest.approx(-4.0, abs=0.5)
+    assert shift["longitudinal_mm"] == pytest.approx(-4.0, abs=0.5)
+
+
+def test_unsupported_patient_position_fails_before_registering(tmp_path: Path) -> None:
+    planned = _ct(tmp_path / "plan", "Planning CT")
+    daily, daily_input = _daily(tmp_path, patient_position="HFDL")
+    ctx = make_context(tmp_path, [input_series(planned.files), daily_input], patient_id=PATIENT)
+    with pytest.raises(StepFailed, match="HFDL"):
+        register_images(ctx, RegisterParams(daily_description="CBCT"))
+    assert not ctx.artifacts

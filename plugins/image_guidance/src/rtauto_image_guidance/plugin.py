@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from rtauto_image_guidance.couch import couch_shift
+from rtauto_image_guidance.couch import couch_shift, patient_to_iec
 from rtauto_image_guidance.io import SeriesImage, read_series
 from rtauto_image_guidance.reference import ReferenceRule, choose_daily, resolve_reference
 from rtauto_image_guidance.registration import (
@@ -125,7 +125,12 @@ def _rounded(values: dict[str, float]) -> dict[str, float]:
 
 
 def register_images(ctx: StepContext, params: RegisterParams) -> StepResult:
-    """Register the image of the day to its reference; write REG, report; outcome pass/flag."""
+    """Register the image of the day to its reference; write REG, report; outcome pass/flag.
+
+    Raises :class:`StepFailed` (and writes nothing) when no reference is found, the patients
+    differ, a series is empty or unreadable, the fields of view barely overlap, or couch shifts
+    are asked for a patient position other than HFS, HFP, FFS, FFP.
+    """
     daily_input = choose_daily(ctx, params.daily_description)
     reference_choice = resolve_reference(
         ctx, daily_input, params.reference.rule, params.reference.series_description
@@ -147,6 +152,9 @@ def register_images(ctx: StepContext, params: RegisterParams) -> StepResult:
         reference.series_description,
         reference_choice.found_by,
     )
+    if params.couch_shift:
+        # an unsupported patient position fails before the registration work, not after
+        patient_to_iec(daily.patient_position)
     isocenter = (
         np.asarray(params.isocenter_mm, float)
         if params.isocenter_mm is not None
@@ -322,9 +330,6 @@ def _field_vectors(field) -> np.ndarray:  # type: ignore[no-untyped-def]
 class PropagateParams(_Strict):
     registration_step: str = Field("register", description="the step whose REG object is used")
     structures: list[str] | None = Field(None, description="ROI names; default: all")
-    structure_set_description: str | None = Field(
-        None, description="regular expression on the reference RTSTRUCT's StructureSetLabel"
-    )
     daily_description: str | None = None
 
 
