@@ -100,3 +100,9 @@ def make_context():
 def machines() -> dict:
     """A machine list holding the breast plan's machine (6/10/15 MV photons)."""
     return MACHINES
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    """The rtauto repository (workflows/ lives there)."""
+    return PROJECT_ROOT
