@@ -60,6 +60,7 @@ class Engine:
         self._workflows: dict[tuple[str, str], LoadedWorkflow] = {}
         self._wake = threading.Event()
         self.on_change: Callable[[], None] | None = None
+        self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def recover(self) -> int:
@@ -78,7 +79,12 @@ class Engine:
         return count
 
     def close(self, wait: bool = True) -> None:
+        """Stop. Steps still running stay ``running`` in the store: the next start resumes
+        them (with ``wait``, running steps are allowed to finish first)."""
+        if not wait:
+            self._closed = True
         self._threads.shutdown(wait=wait, cancel_futures=True)
+        self._closed = True
         self.pool.close()
 
     def busy(self) -> bool:
@@ -269,6 +275,8 @@ class Engine:
         spec = _spec(loaded, step_id)
         try:
             result = self.pool.run(task, timeout=spec.timeout)
+            if self._closed:
+                return  # stopping: the step stays running in the store and resumes at start
             self._record(job, loaded, step_id, task["attempt"], result)
         except Exception:
             log.exception("internal error running step %s of job %s", step_id, job.id)

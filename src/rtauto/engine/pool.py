@@ -27,7 +27,7 @@ log = logging.getLogger("rtauto.engine")
 _ctx = multiprocessing.get_context("spawn")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Worker:
     process: BaseProcess
     conn: Connection
@@ -57,6 +57,7 @@ class WorkerPool:
         self._busy = 0
         self._lock = threading.Condition()
         self._closed = False
+        self._running: set[_Worker] = set()
         self._fingerprint_value = ""
         self._site_modules = list((settings_json.get("plugin_modules") or {}).values())
         self._fingerprint_at = -1e9
@@ -100,13 +101,17 @@ class WorkerPool:
                 self._idle.append(self._spawn())
 
     def close(self) -> None:
+        """Stop idle workers; kill busy ones (their steps resume when rtauto starts again)."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            busy = list(self._running)
         for worker in idle:
             with contextlib.suppress(OSError):
                 worker.conn.send(None)
             worker.process.join(timeout=5)
+            worker.kill()
+        for worker in busy:
             worker.kill()
 
     # -- running -----------------------------------------------------------------------------
@@ -151,6 +156,8 @@ class WorkerPool:
             self._release(None)
             return {"status": "retry", "error": f"worker failed to start: {exc}"}
         started = time.monotonic()
+        with self._lock:
+            self._running.add(worker)
         try:
             worker.conn.send(task)
             if worker.conn.poll(timeout):
@@ -176,3 +183,6 @@ class WorkerPool:
                 "status": "retry",
                 "error": f"worker process died after {elapsed:.1f} s (exit code {code})",
             }
+        finally:
+            with self._lock:
+                self._running.discard(worker)

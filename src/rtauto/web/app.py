@@ -28,7 +28,8 @@ def _status(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) ->
         )
         instances = s.scalar(select(func.count()).select_from(Instance)) or 0
     quarantined = (
-        sum(1 for p in settings.quarantine_dir.glob("*") if p.is_file() and "reason" not in p.name)
+        # each refused file is kept as <uuid>.bin beside its <uuid>.json reason
+        sum(1 for _ in settings.quarantine_dir.glob("*.bin"))
         if settings.quarantine_dir.exists()
         else 0
     )
