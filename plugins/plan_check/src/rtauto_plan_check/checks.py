@@ -582,6 +582,8 @@ def target_coverage(plan: PlanSet, params: Mapping[str, Any]) -> CheckResult:
     if rx is None:
         return CheckResult.not_applicable("the plan states no prescription dose")
     target = _target(plan, params)
+    if target is None and params.get("target"):
+        return CheckResult.violated(f"target {params['target']!r} is not in the structure set")
     if target is None:
         return CheckResult.not_applicable("no PTV in the structure set (set param target)")
     dvh = plan.dvh(target)
