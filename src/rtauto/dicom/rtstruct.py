@@ -31,7 +31,6 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
-from skimage.draw import polygon as fill_polygon
 from skimage.measure import find_contours, points_in_poly
 
 from rtauto.dicom.geometry import GeometryError, Volume
@@ -356,6 +355,43 @@ def write_rtstruct(
 # --------------------------------------------------------------------------------------------
 
 
+def rasterize_even_odd(polygons: Sequence[np.ndarray], rows: int, cols: int) -> np.ndarray:
+    """Pixels whose centre lies inside an odd number of the closed polygons (x, y) (N, 2).
+
+    Scanline parity: every edge toggles the pixels right of where it crosses a row of pixel
+    centres, edges half-open in y so a vertex on a row counts once. Linear in the edges.
+    """
+    toggles = np.zeros((rows, cols + 1), dtype=np.int32)
+    for polygon in polygons:
+        x0, y0 = polygon[:, 0], polygon[:, 1]
+        x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+        low, high = np.minimum(y0, y1), np.maximum(y0, y1)
+        first = np.clip(np.ceil(low), 0, rows).astype(np.int64)
+        last = np.clip(np.ceil(high), 0, rows).astype(np.int64)  # exclusive
+        counts = np.maximum(last - first, 0)
+        if not counts.any():
+            continue
+        edge = np.repeat(np.arange(len(x0)), counts)
+        offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        row = first[edge] + offsets
+        t = (row - y0[edge]) / (y1[edge] - y0[edge])
+        x = x0[edge] + t * (x1[edge] - x0[edge])
+        column = np.clip(np.ceil(x), 0, cols).astype(np.int64)
+        np.add.at(toggles, (row, column), 1)
+    return (np.cumsum(toggles, axis=1)[:, :cols] % 2).astype(bool)
+
+
+def _contour_points(contour: Dataset) -> np.ndarray:
+    """ContourData as an (N, 3) array, parsed from the raw value when pydicom has not yet."""
+    raw = contour.get_item(0x30060050)
+    if raw is not None and isinstance(raw.value, bytes):
+        text = raw.value.decode("ascii").strip(" \x00")
+        values = np.array(text.split("\\"), dtype=float) if text else np.empty(0)
+    else:
+        values = np.asarray([float(v) for v in contour.get("ContourData", [])], dtype=float)
+    return values.reshape(-1, 3)
+
+
 def read_rtstruct(
     path: Path | str | Dataset,
     volume: Volume,
@@ -419,8 +455,9 @@ def read_rtstruct(
         if names is not None and name not in names:
             continue
         mask = np.zeros(volume.shape, dtype=bool)
+        planes: dict[int, list[np.ndarray]] = {}
         for contour in roi_contour.get("ContourSequence", []):
-            points = np.asarray([float(v) for v in contour.ContourData]).reshape(-1, 3)
+            points = _contour_points(contour)
             kind = str(contour.get("ContourGeometricType", "CLOSED_PLANAR"))
             if kind not in ("CLOSED_PLANAR", "OPEN_PLANAR") or len(points) < 3:
                 log.warning(
@@ -443,10 +480,9 @@ def read_rtstruct(
                     f"ROI {name}: a contour at {k_values.mean() * volume.spacing[2]:.2f} mm "
                     "along the normal lies on no image slice"
                 )
-            rr, cc = fill_polygon(ijk[:, 1], ijk[:, 0], shape=(rows, cols))
-            plane = np.zeros((rows, cols), dtype=bool)
-            plane[rr, cc] = True
-            mask[k] ^= plane
+            planes.setdefault(k, []).append(ijk[:, :2])
+        for k, polygons in planes.items():
+            mask[k] = rasterize_even_odd(polygons, rows, cols)
         color = tuple(int(c) for c in roi_contour.get("ROIDisplayColor", [255, 0, 0]))
         structures.append(
             Structure(
