@@ -99,3 +99,15 @@ def test_json_schema_in_models_folder_is_current() -> None:
     assert {"name", "version", "backend", "sha256", "labels", "spacing"} <= set(
         committed["required"]
     )
+
+
+def test_example_workflow_validates_against_the_registered_steps() -> None:
+    from rtauto.hooks import build_plugin_manager
+    from rtauto.workflow.loader import load_workflow
+
+    host = build_plugin_manager()
+    assert {"autocontour.segment", "autocontour.threshold"} <= set(host.steps)
+    assert {"onnx", "torchscript", "monai_bundle"} <= set(host.model_backends)
+    loaded = load_workflow(MODELS.parent / "workflows" / "autocontour-ct.yaml", host.steps)
+    assert loaded.params["contour"].model == "demo-thorax@latest"
+    assert ModelRegistry(MODELS).resolve(loaded.params["contour"].model).ref == "demo-thorax@1"
