@@ -430,7 +430,7 @@ class DVH:
 
 
 # Samples per structure the automatic step aims at: accurate D-points, bounded run time.
-SAMPLE_BUDGET = 200_000
+SAMPLE_BUDGET = 100_000
 
 
 def _auto_step(structure: Structure, dose: DoseGrid, supersample: int | None, volume: float):
