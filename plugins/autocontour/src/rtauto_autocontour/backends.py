@@ -163,9 +163,10 @@ def load_predictor(
         if predictor is None:
             model.verify()
             try:
+                # the hook's loader signature is (card, path); the built-ins also take a device
                 predictor = (
                     loader(model.card, model.weights_path, device)
-                    if model.card.backend in BUILTIN_BACKENDS
+                    if loader in BUILTIN_BACKENDS.values()
                     else loader(model.card, model.weights_path)
                 )
             except ModelError:

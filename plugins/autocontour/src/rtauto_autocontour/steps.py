@@ -78,13 +78,12 @@ class ThresholdParams(BaseModel):
 @functools.lru_cache(maxsize=8)
 def registry_for(models_dir: Path) -> ModelRegistry:
     """The registry of a models folder, one per process (it rescans itself on change)."""
-    return ModelRegistry(models_dir, backends=tuple(_backends(include_plugins=False)))
+    return ModelRegistry(models_dir, backends=tuple(_backends()))
 
 
-@functools.lru_cache(maxsize=2)
-def _backends(include_plugins: bool = True) -> dict[str, Callable[..., Any]]:
-    if not include_plugins:
-        return dict(BUILTIN_BACKENDS)
+@functools.lru_cache(maxsize=1)
+def _backends() -> dict[str, Callable[..., Any]]:
+    """Backend loaders: the built-ins and those other plugins register (one lookup a process)."""
     from rtauto.hooks import build_plugin_manager
 
     return {**BUILTIN_BACKENDS, **build_plugin_manager().model_backends}
@@ -190,7 +189,7 @@ def run_segment(ctx: StepContext, params: SegmentParams) -> StepResult:
             f"model {model.ref} has no structure {unknown}; it offers {card.structure_names}"
         )
     volume = _load_ct(ctx, card.input_modality)
-    backends = _backends(include_plugins=card.backend not in BUILTIN_BACKENDS)
+    backends = _backends()
     try:
         predictor = load_predictor(model, backends, params.device)
         result = segment(volume, card, predictor, sw_batch_size=params.sw_batch_size)
