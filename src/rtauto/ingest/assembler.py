@@ -2,8 +2,9 @@
 
 A series is complete for a workflow once no instance arrived for the workflow's series quiet
 period; a study once its required series are all present (each quiet) or its study quiet
-period has passed. Jobs are keyed by (workflow version, series | study and its required
-series): a restart, a resend or a second look never creates a job twice.
+period has passed. Jobs are keyed by (workflow, series | study and its required series): a
+restart, a resend, a second look or a workflow edit never creates a job twice; the job
+records the workflow version it ran.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def create_job_for(
     """Create the job of ``loaded`` on these series; None when it exists already."""
     if dedupe_key is None:
         digest = hashlib.sha256("|".join(sorted(key_series)).encode()).hexdigest()[:24]
-        dedupe_key = f"{loaded.workflow.name}:{loaded.hash[:16]}:{scope}:{study_uid}:{digest}"
+        # keyed by workflow name, not version: an edit applies to series that complete after
+        # it, and a series already matched is not run again because its workflow changed
+        dedupe_key = f"{loaded.workflow.name}:{scope}:{study_uid}:{digest}"
     return store.create_job(
         dedupe_key=dedupe_key,
         workflow_name=loaded.workflow.name,
