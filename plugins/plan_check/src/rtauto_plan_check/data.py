@@ -9,7 +9,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
@@ -160,15 +159,6 @@ class PlanSet:
         return max(doses) if doses else None
 
     @property
-    def primary_dose_reference(self) -> Dataset | None:
-        refs = [
-            ref
-            for ref in self.plan.get("DoseReferenceSequence", [])
-            if ref.get("DoseReferenceType") == "TARGET" and "TargetPrescriptionDose" in ref
-        ]
-        return max(refs, key=lambda r: float(r.TargetPrescriptionDose)) if refs else None
-
-    @property
     def patient_positions(self) -> set[str]:
         return {
             str(s.PatientPosition)
@@ -216,12 +206,6 @@ class PlanSet:
     def dvhs(self) -> dict[str, DVH]:
         """The DVHs computed so far, by structure name."""
         return dict(self._dvh_cache)
-
-    @cached_property
-    def ct_z(self) -> np.ndarray:
-        return np.asarray(
-            [float(s.ImagePositionPatient[2]) for s in self.ct if "ImagePositionPatient" in s]
-        )
 
 
 def _read(path: Path, headers_only: bool = False) -> Dataset:

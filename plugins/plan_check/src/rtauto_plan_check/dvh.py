@@ -20,7 +20,7 @@ Typical use::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -571,14 +571,3 @@ def compute_dvh(
         mean=mean,
         outside_grid=outside / 1000.0,
     )
-
-
-def compute_dvhs(
-    structures: Iterable[Structure], dose: DoseGrid, **options: object
-) -> dict[str, DVH]:
-    """DVHs of every non-empty structure, by name."""
-    return {
-        s.name: compute_dvh(s, dose, **options)  # type: ignore[arg-type]
-        for s in structures
-        if not s.is_empty
-    }

@@ -70,14 +70,3 @@ class Check:
             raise ValueError(f"check {self.id}: unknown needs {sorted(unknown)}")
         if self.severity not in SEVERITIES:
             raise ValueError(f"check {self.id}: severity must be one of {SEVERITIES}")
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "title": self.title,
-            "needs": list(self.needs),
-            "radiation": list(self.radiation),
-            "severity": self.severity,
-            "params": dict(self.params),
-            "failure_mode": self.failure_mode,
-        }

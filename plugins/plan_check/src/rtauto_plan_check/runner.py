@@ -16,7 +16,7 @@ import yaml
 from rtauto.errors import PluginError
 from rtauto_plan_check.checks import BUILTIN_CHECKS
 from rtauto_plan_check.data import PlanSet
-from rtauto_plan_check.model import SEVERITIES, Check, CheckResult
+from rtauto_plan_check.model import SEVERITIES, STATUSES, Check, CheckResult
 
 __all__ = [
     "REPORT_SCHEMA",
@@ -247,7 +247,7 @@ def run_profile(
         for structure in plan.structures.values():
             if structure.planes:
                 plan.dvh(structure)
-    counts = {s: 0 for s in ("pass", "warn", "fail", "not_applicable", "error")}
+    counts = dict.fromkeys(STATUSES, 0)
     for row in rows:
         counts[row["status"]] += 1
     outcome = "fail" if counts["fail"] or counts["error"] else "warn" if counts["warn"] else "pass"
