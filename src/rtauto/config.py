@@ -48,6 +48,10 @@ class ScpSettings(_Strict):
     )
     max_pdu: int = Field(0, ge=0, description="maximum PDU size we receive; 0 = unlimited")
     network_timeout: float = Field(60.0, gt=0)
+    implementation: Literal["native", "pynetdicom"] = Field(
+        "pynetdicom",
+        description="the DICOM network layer receiving C-STORE: rtauto's own or pynetdicom",
+    )
 
 
 class WatchFolder(_Strict):

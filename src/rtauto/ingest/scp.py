@@ -37,6 +37,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from rtauto.config import Settings
+from rtauto.ingest.native import StoreRequest
 from rtauto.ingest.spool import RefusedInstance, Spool
 from rtauto.store import Store
 
@@ -89,7 +90,7 @@ def _fast_recv(sock: socket.socket) -> Any:
 
 
 class _Receiver:
-    """One pynetdicom server writing into the spool; runs in the current process."""
+    """One receiving server writing into the spool; runs in the current process."""
 
     def __init__(self, settings: Settings, store_url: str):
         self.settings = settings
@@ -99,6 +100,34 @@ class _Receiver:
         self.server: Any = None
 
     def start(self, port: int, reuse_port: bool) -> int:
+        self.store = Store(self.store_url)
+        if self.settings.scp.implementation == "native":
+            return self._start_native(port, reuse_port)
+        return self._start_pynetdicom(port, reuse_port)
+
+    def _start_native(self, port: int, reuse_port: bool) -> int:
+        from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
+
+        from rtauto.ingest.native import VERIFICATION, NativeStorageServer
+
+        scp = self.settings.scp
+        contexts = {cx.abstract_syntax: list(cx.transfer_syntax) for cx in storage_contexts()}
+        contexts[VERIFICATION] = list(DEFAULT_TRANSFER_SYNTAXES)
+        self.server = NativeStorageServer(
+            ae_title=scp.ae_title,
+            host=scp.host,
+            port=port,
+            contexts=contexts,
+            on_store=self._on_native_store,
+            allowed_calling_ae_titles=scp.allowed_calling_ae_titles,
+            max_pdu=scp.max_pdu,
+            network_timeout=scp.network_timeout,
+            reuse_port=reuse_port,
+            max_associations=_MAX_ASSOCIATIONS,
+        )
+        return self.server.start()
+
+    def _start_pynetdicom(self, port: int, reuse_port: bool) -> int:
         from pynetdicom import AE, _config, evt
         from pynetdicom.sop_class import Verification
         from pynetdicom.transport import ThreadedAssociationServer
@@ -106,7 +135,6 @@ class _Receiver:
         # pynetdicom's standard handlers log every PDU; on the receive path that costs time
         _config.LOG_HANDLER_LEVEL = "none"
         scp = self.settings.scp
-        self.store = Store(self.store_url)
         ae = AE(ae_title=scp.ae_title)
         ae.supported_contexts = storage_contexts()
         ae.add_supported_context(Verification)
@@ -129,6 +157,8 @@ class _Receiver:
                 # pynetdicom's own shutdown expects servers made by AE.start_server
                 socketserver.TCPServer.shutdown(self)
                 self.server_close()
+                for association in self.active_associations:
+                    association.abort()
 
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
@@ -146,9 +176,10 @@ class _Receiver:
 
     def stop(self) -> None:
         if self.server is not None:
-            self.server.shutdown()
-            for association in self.server.active_associations:
-                association.abort()
+            if isinstance(self.server, socketserver.BaseServer):
+                self.server.shutdown()
+            else:
+                self.server.stop()
             self.server = None
         if self.store is not None:
             self.store.close()
@@ -164,30 +195,61 @@ class _Receiver:
         if isinstance(raw, socket.socket):
             transport.recv = _fast_recv(raw)
 
+    def _store(
+        self,
+        encoded: memoryview,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        calling_ae: str,
+        called_ae: str,
+    ) -> tuple[int, str]:
+        """Spool and index one received data set; the C-STORE status and Error Comment."""
+        try:
+            record = self.spool.ingest_encoded(
+                encoded,
+                sop_class_uid=sop_class_uid,
+                sop_instance_uid=sop_instance_uid,
+                transfer_syntax=transfer_syntax,
+                source="scp",
+                calling_ae=calling_ae,
+                called_ae=called_ae,
+            )
+            assert self.store is not None
+            self.store.record_instance(record)
+        except RefusedInstance as refused:
+            return refused.status, refused.reason
+        except Exception as exc:
+            log.exception("C-STORE of %s failed", sop_instance_uid)
+            return STATUS_OUT_OF_RESOURCES, f"rtauto could not store it: {exc}"
+        return STATUS_SUCCESS, ""
+
+    def _on_native_store(self, encoded: memoryview, request: StoreRequest) -> tuple[int, str]:
+        return self._store(
+            encoded,
+            request.sop_class_uid,
+            request.sop_instance_uid,
+            request.transfer_syntax,
+            request.calling_ae,
+            request.called_ae,
+        )
+
     def _on_store(self, event: Any) -> int | Dataset:
         request = event.request
         assoc = event.assoc
         encoded = request.DataSet.getbuffer()
         try:
-            record = self.spool.ingest_encoded(
+            status, comment = self._store(
                 encoded,
-                sop_class_uid=str(request.AffectedSOPClassUID),
-                sop_instance_uid=str(request.AffectedSOPInstanceUID),
-                transfer_syntax=str(event.context.transfer_syntax),
-                source="scp",
-                calling_ae=assoc.requestor.ae_title,
-                called_ae=assoc.acceptor.ae_title,
+                str(request.AffectedSOPClassUID),
+                str(request.AffectedSOPInstanceUID),
+                str(event.context.transfer_syntax),
+                assoc.requestor.ae_title,
+                assoc.acceptor.ae_title,
             )
-            assert self.store is not None
-            self.store.record_instance(record)
-        except RefusedInstance as refused:
-            return _failure(refused.status, refused.reason)
-        except Exception as exc:
-            log.exception("C-STORE of %s failed", request.AffectedSOPInstanceUID)
-            return _failure(STATUS_OUT_OF_RESOURCES, f"rtauto could not store it: {exc}")
         finally:
             encoded.release()
-        return STATUS_SUCCESS
+        return STATUS_SUCCESS if status == STATUS_SUCCESS else _failure(status, comment)
 
 
 def _failure(status: int, comment: str) -> Dataset:
