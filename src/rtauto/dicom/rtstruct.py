@@ -28,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
+from pydicom.tag import Tag
+from pydicom.uid import ImplicitVRLittleEndian, RTStructureSetStorage
 from skimage.measure import find_contours, points_in_poly
 
 from rtauto.dicom.geometry import GeometryError, Volume
@@ -77,6 +79,7 @@ RTSTRUCT_INTERPRETED_TYPES = (
 
 # Study Component Management SOP class: what RTReferencedStudySequence conventionally names.
 _STUDY_REFERENCE_CLASS = "1.2.840.10008.3.1.2.3.1"
+_CONTOUR_DATA = Tag(0x3006, 0x0050)
 
 
 @dataclass
@@ -171,9 +174,16 @@ def mask_to_polygons(mask2d: np.ndarray, *, keyhole: bool = False) -> list[np.nd
 # --------------------------------------------------------------------------------------------
 
 
-def _format_ds(values: np.ndarray) -> list[str]:
-    # 16-character limit of DS; 0.001 mm is far below any image resolution.
-    return [f"{v:.3f}" for v in np.round(values, 3).ravel()]
+def _contour_data_element(points: np.ndarray) -> RawDataElement:
+    """ContourData encoded once, as DS text (0.001 mm, far below any image resolution).
+
+    Built raw because pydicom would validate every value of every contour one by one;
+    Implicit VR keeps the 32-bit value length a long contour may need.
+    """
+    text = "\\".join(f"{v:.3f}" for v in np.round(points, 3).ravel()).encode("ascii")
+    if len(text) % 2:
+        text += b" "
+    return RawDataElement(_CONTOUR_DATA, "DS", len(text), text, 0, True, True)
 
 
 def _copy_attributes(target: Dataset, source: Dataset, names: Sequence[str]) -> None:
@@ -228,7 +238,7 @@ def write_rtstruct(
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = RTStructureSetStorage
     meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SpecificCharacterSet = first.get("SpecificCharacterSet", "ISO_IR 100")
@@ -305,7 +315,7 @@ def write_rtstruct(
                 contour.ContourGeometricType = "CLOSED_PLANAR"
                 contour.NumberOfContourPoints = len(polygon)
                 contour.ContourNumber = len(contour_sequence) + 1
-                contour.ContourData = _format_ds(volume.index_to_patient(ijk))
+                contour[_CONTOUR_DATA] = _contour_data_element(volume.index_to_patient(ijk))
                 contour_sequence.append(contour)
                 slices_with_contours.append(k)
         if not contour_sequence and drop_empty:

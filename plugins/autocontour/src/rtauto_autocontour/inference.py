@@ -8,7 +8,9 @@
 3. softmax at network resolution, then back to the image grid slab by slab through the two
    affines (trilinear), argmax per slab into an int8 label map: full-resolution float
    probabilities never exist;
-4. per-label post-processing (MONAI ``KeepLargestConnectedComponent``, ``FillHoles``).
+4. per-label post-processing on each label's bounding box: MONAI
+   ``KeepLargestConnectedComponent``; cavities filled in one labelling pass (MONAI ``FillHoles``
+   gives the same result through scipy's iterative fill, far slower on a 512x512x177 CT).
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import (
-    FillHoles,
     KeepLargestConnectedComponent,
     NormalizeIntensity,
     ScaleIntensityRange,
     Spacing,
 )
+from scipy import ndimage as ndi
 
 from rtauto.dicom.geometry import Volume
 from rtauto_autocontour.backends import Predictor
@@ -144,48 +146,100 @@ def run_network(
 
 
 def to_image_grid(logits: torch.Tensor, network_affine: np.ndarray, volume: Volume) -> np.ndarray:
-    """Probabilities back onto the image grid, slab by slab, as an int8 argmax label map."""
-    probabilities = torch.softmax(logits.float(), dim=1)  # (1, C, i', j', k'), small
-    size = np.asarray(probabilities.shape[2:], dtype=float)  # i', j', k'
-    # image voxel (i, j, k) -> network index (i', j', k')
-    mapping = np.linalg.inv(network_affine) @ volume.affine
+    """Probabilities back onto the image grid, slab by slab, as an int8 argmax label map.
+
+    Trilinear interpolation of the softmax, then argmax. Where all 8 network voxels around a
+    point agree on the label, interpolation cannot change it: those points take it directly
+    and only points near a boundary are interpolated.
+    """
+    probabilities = torch.softmax(logits.float(), dim=1)[0].numpy()  # (C, i', j', k'), small
+    winner = probabilities.argmax(axis=0).astype(np.int8)
+    size = np.asarray(winner.shape)
+    # label of each cell (i'..i'+1, j'..j'+1, k'..k'+1) when its 8 corners agree, else -1
+    padded = np.pad(winner, [(0, 1)] * 3, mode="edge")
+    cell = padded[:-1, :-1, :-1].copy()
+    for di, dj, dk in itertools.product((0, 1), repeat=3):
+        corner = padded[di : di + size[0], dj : dj + size[1], dk : dk + size[2]]
+        cell[corner != cell] = -1
+    mapping = np.linalg.inv(network_affine) @ volume.affine  # image (i, j, k) -> (i', j', k')
     depth, rows, cols = volume.shape
-    jj, ii = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")  # (rows, cols)
+    jj, ii = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
     labels = np.empty(volume.shape, dtype=np.int8)
-    # grid_sample wants (x, y, z) = (W, H, D) = (k', j', i') normalised to [-1, 1]
-    scale = 2.0 / np.maximum(size - 1, 1)
+    upper = np.maximum(size - 1, 0).astype(float)
     for k0 in range(0, depth, SLAB):
         k1 = min(depth, k0 + SLAB)
         kk = np.arange(k0, k1, dtype=float)[:, None, None]
-        index = (
-            mapping[:3, 0, None, None, None] * ii
-            + mapping[:3, 1, None, None, None] * jj
-            + mapping[:3, 2, None, None, None] * kk
-            + mapping[:3, 3, None, None, None]
-        )  # (3, slab, rows, cols): i', j', k'
-        normalised = index * scale[:, None, None, None] - 1.0
-        grid = torch.from_numpy(normalised[::-1].transpose(1, 2, 3, 0).astype(np.float32))[None]
-        sampled = torch.nn.functional.grid_sample(
-            probabilities, grid, mode="bilinear", padding_mode="border", align_corners=True
-        )  # (1, C, slab, rows, cols)
-        labels[k0:k1] = sampled[0].argmax(dim=0).to(torch.int8).numpy()
+        # border: points outside the network grid take its edge values
+        coords = [
+            np.clip(
+                mapping[a, 0] * ii + mapping[a, 1] * jj + mapping[a, 2] * kk + mapping[a, 3],
+                0.0,
+                upper[a],
+            )
+            for a in range(3)
+        ]
+        base = [
+            np.minimum(np.floor(c).astype(np.int64), max(int(upper[a]) - 1, 0))
+            for a, c in enumerate(coords)
+        ]
+        slab = cell[base[0], base[1], base[2]]
+        todo = np.nonzero(slab < 0)
+        if todo[0].size:
+            frac = [coords[a][todo] - base[a][todo] for a in range(3)]
+            at = [base[a][todo] for a in range(3)]
+            mixed = np.zeros((probabilities.shape[0], todo[0].size), dtype=np.float32)
+            for di, dj, dk in itertools.product((0, 1), repeat=3):
+                weight = (
+                    (frac[0] if di else 1 - frac[0])
+                    * (frac[1] if dj else 1 - frac[1])
+                    * (frac[2] if dk else 1 - frac[2])
+                ).astype(np.float32)
+                i_ = np.minimum(at[0] + di, size[0] - 1)
+                j_ = np.minimum(at[1] + dj, size[1] - 1)
+                k_ = np.minimum(at[2] + dk, size[2] - 1)
+                mixed += probabilities[:, i_, j_, k_] * weight
+            slab[todo] = mixed.argmax(axis=0).astype(np.int8)
+        labels[k0:k1] = slab
     return labels
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """MONAI's KeepLargestConnectedComponent on the mask's bounding box (cheap on a big CT)."""
+    box = ndi.find_objects(mask.astype(np.uint8))[0]
+    kept = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False)(
+        torch.from_numpy(mask[box].astype(np.uint8))[None]
+    )
+    out = np.zeros_like(mask)
+    out[box] = torch.as_tensor(kept)[0].numpy().astype(bool)
+    return out
+
+
+def _fill_cavities(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with enclosed 3-D cavities filled: background not connected to the box edge.
+
+    Same result as MONAI ``FillHoles`` (scipy's iterative fill), in one labelling pass.
+    """
+    box = ndi.find_objects(mask.astype(np.uint8))[0]
+    inner = np.pad(mask[box], 1)
+    background, _ = ndi.label(~inner)
+    outside = background == background[0, 0, 0]
+    out = mask.copy()
+    out[box] = ~outside[1:-1, 1:-1, 1:-1]
+    return out
 
 
 def postprocess(labels: np.ndarray, card: ModelCard) -> np.ndarray:
     """Per-label options of the card: largest 3-D component, filled cavities (in place)."""
-    tensor = torch.from_numpy(labels)[None]
     for index, spec in sorted(card.labels.items()):
-        if spec.largest_component and (labels == index).any():
-            mask = tensor == index
-            kept = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False)(
-                mask.to(torch.uint8)
-            )
-            labels[(mask & (torch.as_tensor(kept) == 0))[0].numpy()] = 0
-        if spec.fill_holes and (labels == index).any():
-            mask = (tensor == index).to(torch.uint8)
-            filled = torch.as_tensor(FillHoles(applied_labels=[1])(mask)).bool()[0].numpy()
-            labels[filled & (labels == 0)] = index  # cavities only: other labels stay
+        mask = labels == index
+        if not mask.any():
+            continue
+        if spec.largest_component:
+            kept = _largest_component(mask)
+            labels[mask & ~kept] = 0
+            mask = kept
+        if spec.fill_holes:
+            labels[_fill_cavities(mask) & (labels == 0)] = index  # other labels stay
     return labels
 
 
