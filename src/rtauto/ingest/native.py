@@ -338,6 +338,9 @@ class _Association:
                 raise TimeoutError("network timeout") from None
             if not got:
                 raise _PeerAborted("connection closed by the peer")
+            # acknowledge at once: a sender without TCP_NODELAY holds its last partial
+            # segment until our ACK, which Linux would delay up to 40 ms
+            self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             view = view[got:]
 
     def _read(self, size: int) -> bytes:
