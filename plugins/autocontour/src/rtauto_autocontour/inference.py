@@ -166,18 +166,37 @@ def to_image_grid(logits: torch.Tensor, network_affine: np.ndarray, volume: Volu
     jj, ii = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
     labels = np.empty(volume.shape, dtype=np.int8)
     upper = np.maximum(size - 1, 0).astype(float)
+    linear = mapping[:3, :3]
+    src = np.abs(linear).argmax(axis=1)  # image axis each network axis follows
+    axis_aligned = bool(
+        np.allclose(linear, np.where(np.arange(3)[None, :] == src[:, None], linear, 0.0))
+        and len(set(src.tolist())) == 3
+    )
+    i_line = np.arange(cols, dtype=float)[None, None, :]
+    j_line = np.arange(rows, dtype=float)[None, :, None]
     for k0 in range(0, depth, SLAB):
         k1 = min(depth, k0 + SLAB)
         kk = np.arange(k0, k1, dtype=float)[:, None, None]
-        # border: points outside the network grid take its edge values
-        coords = [
-            np.clip(
-                mapping[a, 0] * ii + mapping[a, 1] * jj + mapping[a, 2] * kk + mapping[a, 3],
-                0.0,
-                upper[a],
-            )
-            for a in range(3)
-        ]
+        shape = (k1 - k0, rows, cols)
+        if axis_aligned:
+            # each network axis follows one image axis: 1-D coordinates, broadcast on use
+            axes = (i_line, j_line, kk)
+            coords = [
+                np.broadcast_to(
+                    np.clip(mapping[a, src[a]] * axes[src[a]] + mapping[a, 3], 0.0, upper[a]),
+                    shape,
+                )
+                for a in range(3)
+            ]
+        else:
+            coords = [
+                np.clip(
+                    mapping[a, 0] * ii + mapping[a, 1] * jj + mapping[a, 2] * kk + mapping[a, 3],
+                    0.0,
+                    upper[a],
+                )
+                for a in range(3)
+            ]  # border: points outside the network grid take its edge values
         base = [
             np.minimum(np.floor(c).astype(np.int64), max(int(upper[a]) - 1, 0))
             for a, c in enumerate(coords)
