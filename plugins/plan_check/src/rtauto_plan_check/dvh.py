@@ -163,6 +163,43 @@ class DoseGrid:
             )
         return doses, inside
 
+    def sample_with_gradient(self, points: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Doses (Gy), inside mask and dose gradients (Gy/mm, patient axes, (N, 3); those of
+        the nearest voxel, exact in a linear field) at (N, 3) patient points."""
+        index = self.to_index(points)
+        inside = self.inside(index)
+        doses = np.zeros(len(points), dtype=np.float64)
+        gradient = np.zeros((len(points), 3))
+        if inside.any():
+            within = index[inside]
+            doses[inside] = map_coordinates(
+                self.values, within.T, order=1, mode="nearest", prefilter=False
+            )
+            gradient[inside] = self._voxel_gradients(within)
+        return doses, inside, gradient
+
+    def _voxel_gradients(self, index: np.ndarray) -> np.ndarray:
+        """Central-difference gradients (Gy/mm, patient axes) at the voxels nearest to (N, 3)
+        continuous indices inside the grid."""
+        last = np.asarray(self.values.shape) - 1
+        nearest = np.clip(np.rint(index), 0, last).astype(np.intp)
+        steps = (self.frame_spacing or 1.0, self.pixel_spacing[0], self.pixel_spacing[1])
+        directions = (self.normal, self.column_direction, self.row_direction)
+        flat_values = self.values.reshape(-1)
+        strides = (self.values.shape[1] * self.values.shape[2], self.values.shape[2], 1)
+        flat = nearest @ np.asarray(strides, dtype=np.intp)
+        gradient = np.zeros((len(index), 3))
+        for axis in range(3):
+            if last[axis] == 0:
+                continue
+            up = nearest[:, axis] < last[axis]
+            down = nearest[:, axis] > 0
+            rise = flat_values.take(flat + up * strides[axis]).astype(np.float64)
+            rise -= flat_values.take(flat - down * strides[axis])
+            along = rise / ((up.astype(np.float64) + down) * steps[axis])
+            gradient += np.outer(along, directions[axis])
+        return gradient
+
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Axis-aligned patient-coordinate box (min, max corners) of the voxel centres."""
         frames, rows, cols = self.values.shape
@@ -346,15 +383,17 @@ def read_structures(ds: Dataset) -> dict[int, Structure]:
 
 @dataclass
 class DVH:
-    """A cumulative DVH, kept as the sorted sample doses and their volumes.
+    """A cumulative DVH, kept as a piecewise-linear curve.
 
-    Doses in Gy, volumes in cc. ``volume`` is the structure volume from its contours;
-    ``outside_grid`` the volume that lies outside the dose grid (counted at 0 Gy).
+    Doses in Gy, volumes in cc. ``cumulative[i]`` is the volume receiving at least
+    ``doses[i]`` (doses fall, volumes grow); values between the knots are linear. ``volume`` is
+    the structure volume from its contours; ``outside_grid`` the volume that lies outside the
+    dose grid (counted at 0 Gy).
     """
 
     name: str
     volume: float
-    doses: np.ndarray  # distinct sample doses, from highest to lowest
+    doses: np.ndarray  # knots of the curve, from highest to lowest dose
     cumulative: np.ndarray  # volume (cc) receiving at least doses[i]
     minimum: float
     maximum: float
@@ -367,10 +406,9 @@ class DVH:
             return float("nan")
         if volume_cc >= self.volume:
             return self.minimum
-        # each sample spans [cumulative - weight, cumulative]; interpolate at the span centres
-        weights = np.diff(self.cumulative, prepend=0.0)
-        centres = self.cumulative - weights / 2
-        return float(np.interp(volume_cc, centres, self.doses, left=self.maximum))
+        if volume_cc <= 0:
+            return self.maximum
+        return float(np.interp(volume_cc, self.cumulative, self.doses))
 
     def d_percent(self, percent: float) -> float:
         """The minimum dose (Gy) to the hottest ``percent`` % of the structure."""
@@ -382,10 +420,7 @@ class DVH:
             return 0.0
         if dose_gy <= self.minimum:
             return self.volume
-        weights = np.diff(self.cumulative, prepend=0.0)
-        centres = self.cumulative - weights / 2
-        # doses fall as the cumulative volume grows: interpolate on the negated doses
-        value = np.interp(-dose_gy, -self.doses, centres, left=0.0, right=self.volume)
+        value = np.interp(-dose_gy, -self.doses, self.cumulative, left=0.0, right=self.volume)
         return float(min(max(value, 0.0), self.volume))
 
     def v_gy_percent(self, dose_gy: float) -> float:
@@ -401,8 +436,9 @@ class DVH:
         """(dose Gy, volume %) of the cumulative DVH on ``points`` evenly spaced doses."""
         top = max(self.maximum, 1e-6)
         dose_axis = np.linspace(0.0, top, points)
-        counts = np.searchsorted(-self.doses, -dose_axis, side="right")
-        vols = np.where(counts > 0, self.cumulative[np.maximum(counts - 1, 0)], 0.0)
+        if len(self.doses) == 0:
+            return dose_axis, np.zeros(points)
+        vols = np.interp(-dose_axis, -self.doses, self.cumulative, left=0.0, right=self.volume)
         return dose_axis, 100.0 * vols / self.volume if self.volume > 0 else vols
 
     def metric(self, name: str) -> float:
@@ -429,8 +465,11 @@ class DVH:
         raise ValueError(f"unknown DVH metric {name!r}")
 
 
+# Knots of the cumulative curve, evenly spaced from Dmin to Dmax (0.1 cGy apart for 30 Gy).
+_DOSE_KNOTS = 1 << 15
+
 # Samples per structure the automatic step aims at: accurate D-points, bounded run time.
-SAMPLE_BUDGET = 100_000
+SAMPLE_BUDGET = 50_000
 
 
 def _auto_step(structure: Structure, dose: DoseGrid, supersample: int | None, volume: float):
@@ -469,6 +508,38 @@ def _plane_mask(polygons: list[np.ndarray], lo: np.ndarray, step: float, shape: 
     return (np.cumsum(toggles[:, : shape[1]], axis=1) % 2).astype(bool)
 
 
+def _spread_cumulative(
+    doses: np.ndarray, half_widths: np.ndarray, weights: np.ndarray, lowest: float, highest: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Knots (doses falling, cumulative volumes) of the DVH whose samples each spread their
+    weight uniformly over [dose - half width, dose + half width], clipped to [lowest, highest].
+
+    The volume below a dose is piecewise linear; its second derivative (+w/width at each
+    range's start, -w/width at its end) is deposited on ``_DOSE_KNOTS`` evenly spaced doses
+    with a linear split, which makes the double running sum exact at every knot.
+    """
+    span = max(highest - lowest, 1e-9)
+    knot_step = span / (_DOSE_KNOTS - 1)
+    upper = np.clip(doses + half_widths, lowest, highest)
+    lower = np.clip(doses - half_widths, lowest, highest)
+    # a range narrower than a knot step is a step of the curve, kept finite
+    lower = np.maximum(np.minimum(lower, upper - knot_step), lowest)
+    upper = lower + np.maximum(upper - lower, knot_step)
+    density = weights / (upper - lower) * knot_step
+    position = np.concatenate([lower, upper]) - lowest
+    change = np.concatenate([density, -density])
+    node = np.clip(position / knot_step, 0, _DOSE_KNOTS + 1)
+    base = np.floor(node).astype(np.intp)
+    frac = node - base
+    second = np.bincount(base, change * (1 - frac), minlength=_DOSE_KNOTS + 2)
+    second += np.bincount(base + 1, change * frac, minlength=_DOSE_KNOTS + 2)
+    below = np.concatenate([[0.0], np.cumsum(np.cumsum(second))])[:_DOSE_KNOTS]
+    total = float(weights.sum())
+    cumulative = np.clip(total - below, 0.0, total)
+    knots = lowest + np.arange(_DOSE_KNOTS) * knot_step
+    return knots[::-1], np.maximum.accumulate(cumulative[::-1])
+
+
 def compute_dvh(
     structure: Structure,
     dose: DoseGrid,
@@ -480,10 +551,16 @@ def compute_dvh(
     """The DVH of ``structure`` in ``dose``.
 
     ``supersample`` divides the dose pixel spacing for the in-plane sample lattice (``None``:
-    chosen from the structure size so small structures get enough samples). Each slab is
-    sampled at ``z_supersample`` heights (``None``: a height step no larger than the in-plane
-    step, at most 8). ``end_cap`` as in the module docstring. Sample volumes are scaled so
-    each plane's area is the exact polygon area of its contours.
+    chosen from the structure size so small structures get enough samples). Between two
+    neighbouring contour planes the structure is sampled at ``z_supersample`` heights
+    (``None``: a height step no larger than the in-plane step, at most 8) and blended
+    linearly: a sample at fraction t of the way carries (1 - t) of its cell's volume when
+    inside the lower contour plus t when inside the upper one, so the cross-section area
+    changes linearly between the planes (a sphere's poles and a lying cylinder's edges are
+    not stair steps). End caps (``end_cap``, module docstring) and planes separated by a gap
+    keep their own contour. Sample volumes are scaled so each plane's area is the exact
+    polygon area of its contours. Each sample's volume is spread over the dose range its cell
+    spans (from the local dose gradient), so D-points fall between samples, not on them.
     """
     slabs = structure.slabs(end_cap)
     empty = np.zeros(0)
@@ -502,38 +579,81 @@ def compute_dvh(
     masks = [_plane_mask(structure.planes[z], lo, step, shape) for z in zs]
     areas = [structure.plane_area(z) for z in zs]
     # exact polygon area over rasterized area: corrects each plane's volume to the contours
-    scale = [
-        a / (np.count_nonzero(m) * step * step) if np.count_nonzero(m) else 0.0
+    cell_volume = [
+        a / np.count_nonzero(m) if np.count_nonzero(m) else 0.0
         for a, m in zip(areas, masks, strict=True)
     ]
 
-    def heights(bottom: float, top: float) -> np.ndarray:
-        n = z_supersample or int(min(max(round((top - bottom) / step), 1), 8))
-        return bottom + (np.arange(n) + 0.5) * (top - bottom) / n
+    def count(height: float, cap: int) -> int:
+        return z_supersample or int(min(max(round(height / step), 1), cap))
 
-    # (height, mask, volume per sample) for every sub-plane of every slab
-    layers: list[tuple[float, np.ndarray, float]] = []
-    for (_, bottom, top), mask, factor in zip(slabs, masks, scale, strict=True):
-        sub = heights(bottom, top)
-        dz = (top - bottom) / len(sub)
-        layers.extend((h, mask, factor * step * step * dz) for h in sub)
-    # every sample of every layer interpolated in one call
-    chunks = []
-    chunk_weights = []
-    for h, mask, weight in layers:
+    chunks: list[np.ndarray] = []  # (N, 3) sample points
+    chunk_weights: list[np.ndarray] = []  # volume (mm³) of each sample
+    chunk_dz: list[np.ndarray] = []  # height of each sample's cell
+
+    def add(mask: np.ndarray, heights: np.ndarray, weights: np.ndarray, dz: float) -> None:
+        """Samples at ``mask`` on every height; ``weights`` is (heights, mask points)."""
         iy, ix = np.nonzero(mask)
-        if len(ix) == 0 or weight <= 0:
+        keep = weights > 0
+        n = np.count_nonzero(keep)
+        if n == 0:
+            return
+        h_index, p_index = np.nonzero(keep)
+        chunks.append(
+            np.column_stack(
+                [lo[0] + ix[p_index] * step, lo[1] + iy[p_index] * step, heights[h_index]]
+            )
+        )
+        chunk_weights.append(weights[keep])
+        chunk_dz.append(np.full(n, dz))
+
+    def add_slab(i: int, bottom: float, top: float) -> None:
+        if top <= bottom or not masks[i].any():
+            return
+        n = count(top - bottom, 8)
+        heights = bottom + (np.arange(n) + 0.5) * (top - bottom) / n
+        dz = (top - bottom) / n
+        per_point = np.full(np.count_nonzero(masks[i]), cell_volume[i] * dz)
+        add(masks[i], heights, np.broadcast_to(per_point, (n, len(per_point))), dz)
+
+    for i, (z, bottom, top) in enumerate(slabs):
+        joined_below = i > 0 and abs(slabs[i - 1][2] - bottom) < 1e-9 < z - slabs[i - 1][0]
+        joined_above = (
+            i + 1 < len(slabs) and abs(slabs[i + 1][1] - top) < 1e-9 < slabs[i + 1][0] - z
+        )
+        if not joined_below:
+            add_slab(i, bottom, z)
+        if not joined_above:
+            add_slab(i, z, top)
             continue
-        chunks.append(np.column_stack([lo[0] + ix * step, lo[1] + iy * step, np.full(len(ix), h)]))
-        chunk_weights.append(np.full(len(ix), weight))
+        # the interval up to the next plane: the two contours blended linearly
+        gap = slabs[i + 1][0] - z
+        union = masks[i] | masks[i + 1]
+        if not union.any():
+            continue
+        n = count(gap, 8)
+        t = (np.arange(n) + 0.5) / n
+        dz = gap / n
+        below = masks[i][union] * cell_volume[i] * dz
+        above = masks[i + 1][union] * cell_volume[i + 1] * dz
+        add(union, z + t * gap, np.outer(1 - t, below) + np.outer(t, above), dz)
+
     all_doses: list[np.ndarray] = []
+    all_spread: list[np.ndarray] = []
     all_weights: list[np.ndarray] = []
     outside = 0.0
     if chunks:
-        doses, inside = dose.sample(np.concatenate(chunks))
+        points = np.concatenate(chunks)
+        doses, inside, grad = dose.sample_with_gradient(points)
         sample_weights = np.concatenate(chunk_weights)
         outside = float(sample_weights[~inside].sum())
+        # half the dose range across each sample's cell (variance of a box in a linear field)
+        dz = np.concatenate(chunk_dz)
+        spread = 0.5 * np.sqrt(
+            (grad[:, 0] * step) ** 2 + (grad[:, 1] * step) ** 2 + (grad[:, 2] * dz) ** 2
+        )
         all_doses.append(doses)
+        all_spread.append(spread)
         all_weights.append(sample_weights)
     faces = []
     for (z, bottom, top), area, mask in zip(slabs, areas, masks, strict=True):
@@ -542,6 +662,7 @@ def compute_dvh(
             # smaller than one lattice cell: its centroid stands for the whole plane
             centre = np.append(xy_all.mean(axis=0), z)[np.newaxis]
             all_doses.append(dose.sample(centre)[0])
+            all_spread.append(np.zeros(1))
             all_weights.append(np.asarray([area * (top - bottom)]))
         faces.extend(np.column_stack([xy_all, np.full(len(xy_all), h)]) for h in (bottom, top))
     # the contours themselves at both slab faces bound the extremes (Dmin, Dmax)
@@ -554,20 +675,18 @@ def compute_dvh(
     if weights.sum() <= 0:
         return DVH(structure.name, 0.0, empty, empty, nan, nan, nan)
     bound = np.concatenate([doses, extremes])
+    minimum, maximum = float(bound.min()), float(bound.max())
     mean = float(np.dot(doses, weights) / weights.sum())
-    # equal doses form one block, so doses fall strictly and interpolation is well defined
-    unique, inverse = np.unique(-doses, return_inverse=True)
-    block_volumes = np.bincount(inverse.ravel(), weights=weights)
-    doses = -unique
-    cumulative = np.cumsum(block_volumes)
-    volume = float(cumulative[-1])
+    knots, cumulative = _spread_cumulative(
+        doses, np.concatenate(all_spread), weights, minimum, maximum
+    )
     return DVH(
         name=structure.name,
-        volume=volume,
-        doses=doses,
+        volume=float(cumulative[-1]),
+        doses=knots,
         cumulative=cumulative,
-        minimum=float(bound.min()),
-        maximum=float(bound.max()),
+        minimum=minimum,
+        maximum=maximum,
         mean=mean,
         outside_grid=outside / 1000.0,
     )
