@@ -194,3 +194,17 @@ def test_new_version_dropped_in_is_used_by_the_next_job(tmp_path: Path, make_con
     assert second.outputs["model_card_sha256"] != first.outputs["model_card_sha256"]
     assert "SpinalCanal" in second.outputs["structures"]
     assert ctx.artifacts[0].provenance["model"] == "demo-thorax@2"
+
+
+def test_backend_no_plugin_provides_fails_and_writes_nothing(tmp_path: Path, make_context) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(MODELS / "demo-thorax", models / "demo-thorax")
+    card_path = models / "demo-thorax" / "1" / "model.yaml"
+    card = yaml.safe_load(card_path.read_text())
+    card["backend"] = "tensorrt"
+    card_path.write_text(yaml.safe_dump(card, sort_keys=False))
+    series, _ = _ct(tmp_path / "ct")
+    ctx = make_context(series.files, models_dir=models)
+    with pytest.raises(StepFailed, match="no backend 'tensorrt'"):
+        run_segment(ctx, SegmentParams(model="demo-thorax@1"))
+    assert list(ctx.workdir.iterdir()) == [] and ctx.artifacts == []

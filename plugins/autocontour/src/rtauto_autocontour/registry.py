@@ -102,9 +102,10 @@ def _version_key(version: str) -> tuple:
 class ModelRegistry:
     """The cards under ``models_dir``; thread-safe, rescanned when a card file changes."""
 
-    def __init__(self, models_dir: Path | str, backends: tuple[str, ...] = KNOWN_BACKENDS):
+    def __init__(self, models_dir: Path | str, backends: tuple[str, ...] | None = KNOWN_BACKENDS):
+        """``backends``: the backend names a card may use (None: checked only when loading)."""
         self.models_dir = Path(models_dir)
-        self.backends = tuple(backends)
+        self.backends = tuple(backends) if backends is not None else None
         self._lock = threading.Lock()
         self._stamp: tuple = ()
         self._models: dict[tuple[str, str], RegisteredModel] = {}
@@ -146,7 +147,7 @@ class ModelRegistry:
             raise ModelError(
                 f"{path}: card says {card.ref} but lies in {folder.parent.name}/{folder.name}"
             )
-        if card.backend not in self.backends:
+        if self.backends is not None and card.backend not in self.backends:
             raise ModelError(
                 f"{path}: backend {card.backend!r} is not available (have {list(self.backends)})"
             )

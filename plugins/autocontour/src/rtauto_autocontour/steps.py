@@ -78,12 +78,14 @@ class ThresholdParams(BaseModel):
 @functools.lru_cache(maxsize=8)
 def registry_for(models_dir: Path) -> ModelRegistry:
     """The registry of a models folder, one per process (it rescans itself on change)."""
-    return ModelRegistry(models_dir, backends=tuple(_backends()))
+    # backends other plugins register are looked up only when a card names one
+    return ModelRegistry(models_dir, backends=None)
 
 
 @functools.lru_cache(maxsize=1)
 def _backends() -> dict[str, Callable[..., Any]]:
-    """Backend loaders: the built-ins and those other plugins register (one lookup a process)."""
+    """Backend loaders: the built-ins and those other plugins register (one lookup a process;
+    it imports every plugin, so it is done only for a card whose backend is not built in)."""
     from rtauto.hooks import build_plugin_manager
 
     return {**BUILTIN_BACKENDS, **build_plugin_manager().model_backends}
@@ -189,7 +191,7 @@ def run_segment(ctx: StepContext, params: SegmentParams) -> StepResult:
             f"model {model.ref} has no structure {unknown}; it offers {card.structure_names}"
         )
     volume = _load_ct(ctx, card.input_modality)
-    backends = _backends()
+    backends = BUILTIN_BACKENDS if card.backend in BUILTIN_BACKENDS else _backends()
     try:
         predictor = load_predictor(model, backends, params.device)
         result = segment(volume, card, predictor, sw_batch_size=params.sw_batch_size)
