@@ -164,6 +164,13 @@ def main() -> int:
             f"{np.median(values):5.1f}, max {values.max():6.1f}; within 1 % of 28 Gy: "
             f"{within:5.1f} %; {seconds[engine]:.1f} s"
         )
+    beyond = [
+        f"{case['label']} {m}"
+        for case, row in zip(found, ours_abs, strict=True)
+        for m, error in zip(METRICS, row, strict=True)
+        if error > ONE_PERCENT_CGY
+    ]
+    print(f"rtauto D-points beyond 1 % ({len(beyond)}): {', '.join(beyond) or 'none'}")
     ratio = ours_abs.mean() / max(theirs_abs.mean(), 1e-9)
     print(f"mean |error| ratio rtauto / dicompyler-core: {ratio:.2f}")
     speed = seconds["rtauto"] / seconds["dicompyler-core"]

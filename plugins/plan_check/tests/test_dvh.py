@@ -144,6 +144,19 @@ def nelms_errors(case: dict, dose_cache: dict) -> dict[str, float]:
     return errors
 
 
+# Cases whose reference the contours do not determine: the analytic values are those of the
+# exact lying cylinder / cone, whose surface is tangent to the axial planes at its edges, so the
+# cross-section between two 3 mm planes changes like the square root of the height (a cylinder)
+# or moves in plane (a cone); any reconstruction from the contours interpolates it. Their
+# D-points (D99 .. D0.03cc) are held to 3 % instead of 1 %.
+CONTOUR_LIMITED = {("RtCylinder_30", "SupInf"), ("RtCone_30", "AntPost")}
+
+
+def _contour_limited(case: dict) -> bool:
+    shape = "_".join(case["structure"].stem.split("_")[:2])
+    return (shape, case["dose"].stem.split("_")[1]) in CONTOUR_LIMITED
+
+
 @pytest.mark.slow
 def test_nelms_benchmark_against_analytic_values(test_data: Path) -> None:
     # the 1, 2 and 3 mm structure sets (the 0.2 mm ones repeat the same shapes)
@@ -153,11 +166,18 @@ def test_nelms_benchmark_against_analytic_values(test_data: Path) -> None:
     errors = [nelms_errors(case, cache) for case in cases]
     doses = np.array([[abs(e[m]) for m in METRICS] for e in errors])
     volumes = np.array([abs(e["Volume%"]) for e in errors])
-    # every D-point: median within 0.1 %, 90 % of them within 1 % of the prescription (28 Gy)
-    assert np.median(doses) <= 0.1 * ONE_PERCENT_CGY
-    assert np.mean(doses <= ONE_PERCENT_CGY) >= 0.9
-    # Dmin, Dmax, Dmean: within 1 % everywhere
+    limited = np.array([_contour_limited(case) for case in cases])
+    assert 0 < limited.sum() <= 8
+    # Dmin, Dmax, Dmean: within 1 % of the prescription (28 Gy) everywhere
     assert doses[:, :3].max() <= ONE_PERCENT_CGY
-    # worst D-points (D99/D1 of shapes cut coarsely by 3 mm slices) within 4 %
-    assert doses.max() <= 4 * ONE_PERCENT_CGY
+    # every D-point of every other case within 1 %
+    worst = {
+        f"{case['structure'].stem} {case['dose'].stem} {metric}": round(float(error), 1)
+        for case, row, is_limited in zip(cases, doses, limited, strict=True)
+        for metric, error in zip(METRICS, row, strict=True)
+        if not is_limited and error > ONE_PERCENT_CGY
+    }
+    assert not worst
+    assert doses[limited].max() <= 3 * ONE_PERCENT_CGY
+    assert np.median(doses) <= 0.05 * ONE_PERCENT_CGY
     assert volumes.max() <= 5.0

@@ -22,10 +22,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import numpy as np
 from pydicom.dataset import Dataset
+from scipy.interpolate import PchipInterpolator
 from scipy.ndimage import map_coordinates
 
 __all__ = [
@@ -540,6 +542,26 @@ def _spread_cumulative(
     return knots[::-1], np.maximum.accumulate(cumulative[::-1])
 
 
+def _area_profiles(zs: list[float], areas: list[float], joined: list[bool]) -> list:
+    """For each plane, the cross-section area (mm²) as a function of height up to the next
+    plane: a monotone cubic (PCHIP) through the areas of the run of joined planes, which
+    follows the curved area profiles of spheres and cones that straight lines cut short."""
+    profiles: list = [None] * len(zs)
+    start = 0
+    for i in range(len(zs)):
+        if joined[i]:
+            continue
+        if i > start:  # planes start..i form one run
+            run = slice(start, i + 1)
+            if i - start >= 2:
+                curve = PchipInterpolator(zs[run], areas[run], extrapolate=True)
+            else:
+                curve = partial(np.interp, xp=zs[run], fp=areas[run])
+            profiles[start:i] = [curve] * (i - start)
+        start = i + 1
+    return profiles
+
+
 def compute_dvh(
     structure: Structure,
     dose: DoseGrid,
@@ -616,14 +638,15 @@ def compute_dvh(
         per_point = np.full(np.count_nonzero(masks[i]), cell_volume[i] * dz)
         add(masks[i], heights, np.broadcast_to(per_point, (n, len(per_point))), dz)
 
+    joined = [
+        abs(slabs[i + 1][1] - slabs[i][2]) < 1e-9 < slabs[i + 1][0] - slabs[i][0]
+        for i in range(len(slabs) - 1)
+    ] + [False]
+    area_profile = _area_profiles(zs, areas, joined)
     for i, (z, bottom, top) in enumerate(slabs):
-        joined_below = i > 0 and abs(slabs[i - 1][2] - bottom) < 1e-9 < z - slabs[i - 1][0]
-        joined_above = (
-            i + 1 < len(slabs) and abs(slabs[i + 1][1] - top) < 1e-9 < slabs[i + 1][0] - z
-        )
-        if not joined_below:
+        if i == 0 or not joined[i - 1]:
             add_slab(i, bottom, z)
-        if not joined_above:
+        if not joined[i]:
             add_slab(i, z, top)
             continue
         # the interval up to the next plane: the two contours blended linearly
@@ -634,9 +657,14 @@ def compute_dvh(
         n = count(gap, 8)
         t = (np.arange(n) + 0.5) / n
         dz = gap / n
+        # blend so the cross-section area follows the smooth area profile through the planes
+        rise = areas[i + 1] - areas[i]
+        share = t
+        if abs(rise) > 1e-9 * max(areas[i], areas[i + 1]):
+            share = np.clip((area_profile[i](z + t * gap) - areas[i]) / rise, 0.0, 1.0)
         below = masks[i][union] * cell_volume[i] * dz
         above = masks[i + 1][union] * cell_volume[i + 1] * dz
-        add(union, z + t * gap, np.outer(1 - t, below) + np.outer(t, above), dz)
+        add(union, z + t * gap, np.outer(1 - share, below) + np.outer(share, above), dz)
 
     all_doses: list[np.ndarray] = []
     all_spread: list[np.ndarray] = []
