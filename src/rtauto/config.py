@@ -23,6 +23,7 @@ __all__ = [
     "Settings",
     "WatchFolder",
     "WebSettings",
+    "effective_destinations",
     "load_settings",
 ]
 
@@ -49,7 +50,7 @@ class ScpSettings(_Strict):
     max_pdu: int = Field(0, ge=0, description="maximum PDU size we receive; 0 = unlimited")
     network_timeout: float = Field(60.0, gt=0)
     implementation: Literal["native", "pynetdicom"] = Field(
-        "pynetdicom",
+        "native",
         description="the DICOM network layer receiving C-STORE: rtauto's own or pynetdicom",
     )
 
@@ -186,6 +187,17 @@ class Settings(_Strict):
     def ensure_dirs(self) -> None:
         for d in (self.home, self.spool_dir, self.incoming_dir, self.quarantine_dir, self.jobs_dir):
             d.mkdir(parents=True, exist_ok=True)
+
+
+def effective_destinations(
+    settings: Settings, workflow_destinations: dict[str, Destination] | None
+) -> dict[str, Destination]:
+    """The destinations a job's steps see: the workflow's ``destinations:`` are defaults, the
+    daemon configuration's destinations of the same name win (the site maps a workflow's
+    names onto its own nodes, so a shared workflow needs no edit)."""
+    merged = dict(workflow_destinations or {})
+    merged.update(settings.destinations)
+    return merged
 
 
 def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> tuple[int, int] | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rtauto import __version__
-from rtauto.config import Settings
+from rtauto.config import Settings, effective_destinations
 from rtauto.engine.pool import WorkerPool
 from rtauto.hooks import PluginHost
 from rtauto.store import TERMINAL_STEP_STATES, Store
@@ -219,10 +219,10 @@ class Engine:
                         for a in self.store.artifacts_of(job.id, s.step_id)
                     ],
                 }
-        destinations = {n: d.model_dump(mode="json") for n, d in self.settings.destinations.items()}
-        destinations.update(
-            {n: d.model_dump(mode="json") for n, d in loaded.workflow.destinations.items()}
-        )
+        destinations = {
+            n: d.model_dump(mode="json")
+            for n, d in effective_destinations(self.settings, loaded.workflow.destinations).items()
+        }
         return {
             "job_id": job.id,
             "step_id": step_id,

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from rtauto.config import Destination
+from rtauto.config import Destination, effective_destinations
 from rtauto.errors import RtautoError, StepError
 from rtauto.route.deliveries import DeliveryItem, resolve_destination, send_items
 
@@ -45,16 +45,15 @@ class ReplayResult:
 
 
 def job_destinations(settings: Any, workflow_text: str) -> dict[str, Destination]:
-    """The daemon's destinations, overridden by those the job's workflow version defines."""
-    merged: dict[str, Destination] = dict(getattr(settings, "destinations", None) or {})
+    """The destinations the job's steps saw: its workflow version's, with the daemon
+    configuration's of the same name winning (:func:`rtauto.config.effective_destinations`)."""
     try:
         workflow = yaml.safe_load(workflow_text or "") or {}
     except yaml.YAMLError:
         workflow = {}
     blocks = workflow.get("destinations") if isinstance(workflow, dict) else None
-    for name, block in (blocks or {}).items():
-        merged[str(name)] = Destination.model_validate(block or {})
-    return merged
+    defaults = {str(n): Destination.model_validate(b or {}) for n, b in (blocks or {}).items()}
+    return effective_destinations(settings, defaults)
 
 
 def replay_job(

@@ -20,3 +20,10 @@ def rtauto_register_steps(register: Callable[[Any], None]) -> None:
 def rtauto_register_model_backends(register: Callable[..., None]) -> None:
     for name, loader in BUILTIN_BACKENDS.items():
         register(name, loader)
+
+
+@hookimpl
+def rtauto_add_commands(app: Any) -> None:
+    from rtauto_autocontour.cli import models_command
+
+    app.command("models")(models_command)
