@@ -1,13 +1,15 @@
 """The DVH engine: dose interpolated to the structure, volumes from the contours.
 
-A structure is a stack of axial contour planes. Each plane stands for a slab of tissue (half the
-distance to each neighbouring plane); the slab is sampled on a regular in-plane lattice finer
-than the dose grid (``supersample``) and at several heights (``z_supersample``), the dose is
-interpolated trilinearly at every sample, and every sample carries an equal share of its slab's
-volume computed from the contour areas (even-odd rule for holes). End capping decides how far
-the first and last planes reach: ``"half"`` (half a slice beyond the end contour, as treatment
-planning systems and the analytic Nelms references do) or ``"none"`` (the structure stops at
-the end contour).
+A structure is a stack of axial contour planes. Each plane is sampled on a regular in-plane
+lattice finer than the dose grid (``supersample``) and the tissue between two neighbouring
+planes at several heights (``z_supersample``): there the two contours are blended so the
+cross-section area follows a monotone cubic through the plane areas (a power law fitted to the
+next planes where an end plane has no area of its own: the surface touches that plane). The
+dose is interpolated trilinearly at every sample; every sample carries its share of the plane
+area from the exact polygon areas (even-odd rule for holes), spread over the dose range its
+cell spans. End capping decides how far the first and last planes reach: ``"half"`` (half a
+slice beyond the end contour, as treatment planning systems and the analytic Nelms references
+do) or ``"none"`` (the structure stops at the end contour).
 
 Typical use::
 
@@ -296,7 +298,8 @@ class Structure:
         return slabs
 
     def volume_cc(self, end_cap: EndCap = "half") -> float:
-        """Volume from the contours (cc): plane areas times slab heights."""
+        """Volume from the contours (cc): plane areas times slab heights. (A DVH's volume
+        integrates the smooth area profile between the planes, so it differs slightly.)"""
         return (
             sum(self.plane_area(z) * (top - bottom) for z, bottom, top in self.slabs(end_cap))
             / 1000.0
@@ -467,6 +470,9 @@ class DVH:
         raise ValueError(f"unknown DVH metric {name!r}")
 
 
+# An end plane whose area is below this share of its neighbour's touches the surface.
+_TANGENT_AREA_RATIO = 0.01
+
 # Knots of the cumulative curve, evenly spaced from Dmin to Dmax (0.1 cGy apart for 30 Gy).
 _DOSE_KNOTS = 1 << 15
 
@@ -558,8 +564,33 @@ def _area_profiles(zs: list[float], areas: list[float], joined: list[bool]) -> l
             else:
                 curve = partial(np.interp, xp=zs[run], fp=areas[run])
             profiles[start:i] = [curve] * (i - start)
+            if i - start >= 2:
+                # an end plane of (almost) no area is where the surface touches the plane
+                for end, inner, next_inner in ((start, start + 1, start + 2), (i, i - 1, i - 2)):
+                    tangent = _tangent_profile(zs, areas, end, inner, next_inner)
+                    if tangent is not None:
+                        profiles[min(end, inner)] = tangent
         start = i + 1
     return profiles
+
+
+def _tangent_profile(zs: list[float], areas: list[float], end: int, inner: int, next_inner: int):
+    """Area profile between an end plane of negligible area and its neighbour: a power law
+    A(h) = A_inner (h / gap)^p of the distance h from the end plane, the exponent fitted to
+    the two planes next to it (p = 1 for a sphere's pole, 1/2 for a lying cylinder's edge,
+    2 for a cone's apex). None when the end plane has area of its own."""
+    a1, a2 = areas[inner], areas[next_inner]
+    if not 0 < a1 < a2 or areas[end] > _TANGENT_AREA_RATIO * a1:
+        return None
+    gap = abs(zs[inner] - zs[end])
+    exponent = math.log(a2 / a1) / math.log(abs(zs[next_inner] - zs[end]) / gap)
+    exponent = min(max(exponent, 0.25), 3.0)
+    z_end = zs[end]
+
+    def profile(z: np.ndarray) -> np.ndarray:
+        return a1 * np.clip(np.abs(np.asarray(z) - z_end) / gap, 0.0, 1.0) ** exponent
+
+    return profile
 
 
 def compute_dvh(
