@@ -117,7 +117,7 @@ def test_replay_of_an_unknown_job(store, tmp_path, host):
         replay_job(store, Settings(home=tmp_path), host, "deadbeef")
 
 
-def test_job_destinations_merge_the_workflow_over_the_daemon_config(tmp_path):
+def test_job_destinations_take_the_daemon_config_over_the_workflow_defaults(tmp_path):
     settings = Settings(
         home=tmp_path,
         destinations={
@@ -125,7 +125,9 @@ def test_job_destinations_merge_the_workflow_over_the_daemon_config(tmp_path):
             "backup": {"path": "x"},
         },
     )
-    merged = job_destinations(settings, "destinations:\n  backup: {type: folder, path: y}\n")
+    text = "destinations:\n  backup: {type: folder, path: y}\n  extra: {path: z}\n"
+    merged = job_destinations(settings, text)
     assert merged["tps"].options()["host"] == "a"
-    assert merged["backup"].options() == {"path": "y"}
+    assert merged["backup"].options() == {"path": "x"}  # the site maps the name
     assert merged["backup"].resolved_type() == "folder"
+    assert merged["extra"].options() == {"path": "z"}  # a name only the workflow defines
