@@ -1,6 +1,7 @@
 """The storage SCP against real peers: dcmtk storescu/echoscu and a pynetdicom SCU.
 
-Every test starts rtauto's StorageSCP on a free loopback port (``settings.scp.port = 0``).
+Every test starts rtauto's StorageSCP on a free loopback port (``settings.scp.port = 0``), once
+with each implementation (rtauto's native receiver and pynetdicom).
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ pytestmark = pytest.mark.integration
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+
+
+@pytest.fixture(autouse=True, params=["native", "pynetdicom"])
+def implementation(request: pytest.FixtureRequest, settings: Settings) -> str:
+    """Every test runs against both network layers of the SCP."""
+    settings.scp.implementation = request.param
+    return str(request.param)
 
 
 @pytest.fixture

@@ -362,8 +362,12 @@ class _Association:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         try:
-            if not self._associate():
-                return
+            try:
+                if not self._associate():
+                    return
+            except TimeoutError:
+                log.warning("no A-ASSOCIATE-RQ within %s s; connection closed", seconds)
+                return  # ARTIM expired before an association: close without an A-ABORT
             self._serve_messages()
         except _PeerAborted as exc:
             log.info("association with %s ended: %s", self.calling_ae or "?", exc)
