@@ -5,6 +5,11 @@ Image, RT treatment records, Spatial and Deformable Spatial Registration, Segmen
 images) is accepted with every transfer syntax pynetdicom knows, compressed ones included; data
 sets are stored exactly as received, never decoded.
 
+The network layer is rtauto's own (:mod:`rtauto.ingest.native`, ``settings.scp.implementation
+= "native"``, the default: one thread per association, data sets read from the socket straight
+into one buffer) or pynetdicom's (``"pynetdicom"``); both accept the same contexts, answer with
+the same statuses and hand data sets to the same spool.
+
 With ``settings.scp.processes`` > 1 the SCP runs that many receiving processes that share the
 port through ``SO_REUSEPORT`` (Linux), so concurrent associations use more than one core. Each
 child opens its own store handle, asks the kernel to kill it when its parent dies
@@ -90,7 +95,8 @@ def _fast_recv(sock: socket.socket) -> Any:
 
 
 class _Receiver:
-    """One receiving server writing into the spool; runs in the current process."""
+    """One receiving server (native or pynetdicom) writing into the spool; runs in the current
+    process."""
 
     def __init__(self, settings: Settings, store_url: str):
         self.settings = settings
