@@ -263,3 +263,21 @@ def test_silent_peers_are_dropped_after_the_network_timeout(start_scp, settings:
     assert _wait_for(lambda: assoc.is_aborted or not assoc.is_established)
     assert not assoc.is_released
     assert echoscu(port)
+
+
+def test_large_data_set_in_one_pdv(start_scp, settings: Settings, tmp_path: Path):
+    from rtauto.testing import write_ct_series
+
+    # 2900 x 2900 x 2 bytes: one PDV of ~16.8 MB (the SCP advertises no PDU limit), more
+    # than the native receiver reads before it grows its buffer again
+    series = write_ct_series(tmp_path / "big", rows=2900, cols=2900, slices=1)
+    port = start_scp()
+    assoc = _associate(port, [build_context(CTImageStorage, [EXPLICIT_LE])])
+    assert assoc.is_established
+    try:
+        assert assoc.acceptor.maximum_length == 0
+        assert assoc.send_c_store(series.files[0]).Status == 0x0000
+    finally:
+        assoc.release()
+    [stored] = spool_files(settings)
+    assert dataset_bytes(stored) == dataset_bytes(series.files[0])

@@ -61,6 +61,10 @@ _NO_DATASET = 0x0101
 _STATUS_SUCCESS = 0x0000
 
 
+_GROWTH_STEP = 16 << 20  # bytes read into the data set buffer before it grows again
+_MAX_COMMAND = 64 << 10  # a command set is a few hundred bytes
+
+
 class _ProtocolError(Exception):
     """The peer broke the protocol; the association is aborted."""
 
@@ -479,6 +483,8 @@ class _Association:
                 if control & 0x01:  # command fragment
                     if command_done:
                         raise _ProtocolError("command fragment after the last one")
+                    if len(command) + fragment > _MAX_COMMAND:
+                        raise _ProtocolError("command set larger than 64 KiB")
                     command += self._read(fragment)
                     if not control & 0x02:
                         continue
@@ -505,15 +511,19 @@ class _Association:
 
     def _append_dataset(self, used: int, size: int) -> int:
         """Read ``size`` bytes from the socket onto the end of the data set buffer."""
-        needed = used + size
-        if needed > len(self.dataset):
-            # a fresh buffer (never a resize: a handler may still hold a view of the old one)
-            grown = bytearray(max(needed, 2 * len(self.dataset)))
-            grown[:used] = memoryview(self.dataset)[:used]
-            self.dataset = grown
-        with memoryview(self.dataset) as view:
-            self._read_into(view[used:needed])
-        return needed
+        end = used + size
+        while used < end:
+            # memory grows with the bytes that arrive, not with the length a peer claims
+            step = min(end, used + _GROWTH_STEP)
+            if step > len(self.dataset):
+                # a fresh buffer (never a resize: a handler may still hold a view of the old)
+                grown = bytearray(min(end, max(step, 2 * len(self.dataset))))
+                grown[:used] = memoryview(self.dataset)[:used]
+                self.dataset = grown
+            with memoryview(self.dataset) as view:
+                self._read_into(view[used:step])
+            used = step
+        return end
 
     def _dispatch(
         self, context_id: int, elements: dict[int, bytes], dataset: memoryview | None

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ from pydicom.dataset import Dataset
 from rtauto.config import Settings
 from rtauto.ingest.native import StoreRequest
 from rtauto.ingest.spool import RefusedInstance, Spool
-from rtauto.store import Store
+from rtauto.store import InstanceRecord, Store
 
 __all__ = ["StorageSCP", "storage_contexts"]
 
@@ -104,9 +105,16 @@ class _Receiver:
         self.spool = Spool(settings)
         self.store: Store | None = None
         self.server: Any = None
+        self._index_lock = threading.Lock()
+        self._index_lock_fd: int | None = None
 
     def start(self, port: int, reuse_port: bool) -> int:
         self.store = Store(self.store_url)
+        database = _sqlite_path(self.store_url)
+        if database is not None:
+            self._index_lock_fd = os.open(
+                f"{database}.scp-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+            )
         if self.settings.scp.implementation == "native":
             return self._start_native(port, reuse_port)
         return self._start_pynetdicom(port, reuse_port)
@@ -190,6 +198,23 @@ class _Receiver:
         if self.store is not None:
             self.store.close()
             self.store = None
+        if self._index_lock_fd is not None:
+            os.close(self._index_lock_fd)
+            self._index_lock_fd = None
+
+    def _record(self, record: InstanceRecord) -> None:
+        assert self.store is not None
+        if self._index_lock_fd is None:
+            self.store.record_instance(record)
+            return
+        # SQLite lets one writer in and makes the others sleep and retry (milliseconds each);
+        # receivers queue on a lock instead and are woken the moment it is free
+        with self._index_lock:
+            fcntl.flock(self._index_lock_fd, fcntl.LOCK_EX)
+            try:
+                self.store.record_instance(record)
+            finally:
+                fcntl.flock(self._index_lock_fd, fcntl.LOCK_UN)
 
     @staticmethod
     def _on_connection(event: Any) -> None:
@@ -221,8 +246,7 @@ class _Receiver:
                 calling_ae=calling_ae,
                 called_ae=called_ae,
             )
-            assert self.store is not None
-            self.store.record_instance(record)
+            self._record(record)
         except RefusedInstance as refused:
             return refused.status, refused.reason
         except Exception as exc:
@@ -256,6 +280,16 @@ class _Receiver:
         finally:
             encoded.release()
         return STATUS_SUCCESS if status == STATUS_SUCCESS else _failure(status, comment)
+
+
+def _sqlite_path(store_url: str) -> str | None:
+    """The database file of a SQLite store URL; None for other databases."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(store_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return str(url.database)
 
 
 def _failure(status: int, comment: str) -> Dataset:
