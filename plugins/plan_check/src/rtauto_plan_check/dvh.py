@@ -4,7 +4,9 @@ A structure is a stack of axial contour planes. Each plane is sampled on a regul
 lattice finer than the dose grid (``supersample``) and the tissue between two neighbouring
 planes at several heights (``z_supersample``): there the two contours are blended so the
 cross-section area follows a monotone cubic through the plane areas (a power law fitted to the
-next planes where an end plane has no area of its own: the surface touches that plane). The
+next planes where an end plane has no area of its own: the surface touches that plane); the
+cells inside one contour only join or leave in the order a morph of the two contours' signed
+distances reaches them (shape-based interpolation), so a shape that moves in plane follows. The
 dose is interpolated trilinearly at every sample; every sample carries its share of the plane
 area from the exact polygon areas (even-odd rule for holes), spread over the dose range its
 cell spans. End capping decides how far the first and last planes reach: ``"half"`` (half a
@@ -30,7 +32,7 @@ from typing import Literal
 import numpy as np
 from pydicom.dataset import Dataset
 from scipy.interpolate import PchipInterpolator
-from scipy.ndimage import map_coordinates
+from scipy.ndimage import distance_transform_cdt, map_coordinates
 
 __all__ = [
     "DVH",
@@ -549,6 +551,14 @@ def _spread_cumulative(
     return knots[::-1], np.maximum.accumulate(cumulative[::-1])
 
 
+def _morph_moment(below: np.ndarray, above: np.ndarray) -> np.ndarray:
+    """Fraction of the way from the lower to the upper plane at which the linear morph of two
+    signed distances crosses zero (where a cell joins or leaves the structure)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        moment = below / (below - above)
+    return np.nan_to_num(moment, nan=0.5, posinf=1.0, neginf=0.0)
+
+
 def _area_profiles(zs: list[float], areas: list[float], joined: list[bool]) -> list:
     """For each plane, the cross-section area (mm²) as a function of height up to the next
     plane: a monotone cubic (PCHIP) through the areas of the run of joined planes, which
@@ -607,14 +617,14 @@ def compute_dvh(
     ``supersample`` divides the dose pixel spacing for the in-plane sample lattice (``None``:
     chosen from the structure size so small structures get enough samples). Between two
     neighbouring contour planes the structure is sampled at ``z_supersample`` heights
-    (``None``: a height step no larger than the in-plane step, at most 8) and blended
-    linearly: a sample at fraction t of the way carries (1 - t) of its cell's volume when
-    inside the lower contour plus t when inside the upper one, so the cross-section area
-    changes linearly between the planes (a sphere's poles and a lying cylinder's edges are
-    not stair steps). End caps (``end_cap``, module docstring) and planes separated by a gap
-    keep their own contour. Sample volumes are scaled so each plane's area is the exact
-    polygon area of its contours. Each sample's volume is spread over the dose range its cell
-    spans (from the local dose gradient), so D-points fall between samples, not on them.
+    (``None``: a height step no larger than the in-plane step, at most 8) and the two
+    contours are blended as the module docstring says (area profile through the plane areas,
+    cells in one contour only ordered by a signed-distance morph), so a sphere's poles, a
+    lying cylinder's edges and a lying cone's apex are not stair steps. End caps
+    (``end_cap``, module docstring) and planes separated by a gap keep their own contour.
+    Sample volumes are scaled so each plane's area is the exact polygon area of its contours.
+    Each sample's volume is spread over the dose range its cell spans (from the local dose
+    gradient), so D-points fall between samples, not on them.
     """
     slabs = structure.slabs(end_cap)
     empty = np.zeros(0)
@@ -670,6 +680,25 @@ def compute_dvh(
         per_point = np.full(np.count_nonzero(masks[i]), cell_volume[i] * dz)
         add(masks[i], heights, np.broadcast_to(per_point, (n, len(per_point))), dz)
 
+    distances: dict[int, np.ndarray] = {}
+
+    def distance(i: int) -> np.ndarray:
+        """Signed distance (lattice cells, positive outside) to plane i's contour; a plane
+        too small for the lattice is marked at its vertices."""
+        if i not in distances:
+            mask = masks[i]
+            if not mask.any():
+                mask = np.zeros(shape, dtype=bool)
+                xy = np.concatenate(structure.planes[zs[i]])
+                cells = np.rint((xy - lo) / step).astype(np.intp)
+                mask[
+                    np.clip(cells[:, 1], 0, shape[0] - 1), np.clip(cells[:, 0], 0, shape[1] - 1)
+                ] = True
+            distances[i] = distance_transform_cdt(~mask, metric="taxicab").astype(
+                float
+            ) - distance_transform_cdt(mask, metric="taxicab")
+        return distances[i]
+
     joined = [
         abs(slabs[i + 1][1] - slabs[i][2]) < 1e-9 < slabs[i + 1][0] - slabs[i][0]
         for i in range(len(slabs) - 1)
@@ -694,9 +723,27 @@ def compute_dvh(
         share = t
         if abs(rise) > 1e-9 * max(areas[i], areas[i + 1]):
             share = np.clip((area_profile[i](z + t * gap) - areas[i]) / rise, 0.0, 1.0)
-        below = masks[i][union] * cell_volume[i] * dz
-        above = masks[i + 1][union] * cell_volume[i + 1] * dz
-        add(union, z + t * gap, np.outer(1 - share, below) + np.outer(share, above), dz)
+        in_below, in_above = masks[i][union], masks[i + 1][union]
+        weights = np.outer(1 - share, in_below * cell_volume[i] * dz) + np.outer(
+            share, in_above * cell_volume[i + 1] * dz
+        )
+        # cells in one contour only join or leave in the order a morph of the two contours'
+        # signed distances reaches them, in the number the area profile asks for
+        moment = _morph_moment(distance(i)[union], distance(i + 1)[union])
+        for region, volume, joining in (
+            (in_above & ~in_below, cell_volume[i + 1], True),
+            (in_below & ~in_above, cell_volume[i], False),
+        ):
+            if region.any():
+                # cells reached at the same moment join together (no bias from their order)
+                _, group, size = np.unique(
+                    np.round(moment[region], 6), return_inverse=True, return_counts=True
+                )
+                first = (np.cumsum(size) - size) / len(group)
+                width = size / len(group)
+                present = np.clip((share[:, np.newaxis] - first[group]) / width[group], 0.0, 1.0)
+                weights[:, region] = (present if joining else 1.0 - present) * volume * dz
+        add(union, z + t * gap, weights, dz)
 
     all_doses: list[np.ndarray] = []
     all_spread: list[np.ndarray] = []
