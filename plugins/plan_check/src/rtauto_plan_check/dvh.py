@@ -141,6 +141,12 @@ class DoseGrid:
         frames = np.arange(len(self.frame_offsets), dtype=float)
         if len(frames) == 1:
             frame = np.where(np.abs(along) < 1e-3, 0.0, np.inf)
+        elif np.allclose(np.diff(self.frame_offsets), self.frame_spacing, atol=1e-4):
+            # evenly spaced frames; within half a frame beyond the ends: the edge frame's dose
+            frame = along / self.frame_spacing
+            last = float(frames[-1])
+            in_reach = (frame >= -0.5) & (frame <= last + 0.5)
+            frame = np.where(in_reach, np.clip(frame, 0.0, last), np.inf)
         else:
             frame = np.interp(along, self.frame_offsets, frames, left=np.nan, right=np.nan)
             # points within half a frame beyond the first/last frame take the edge frame's dose
