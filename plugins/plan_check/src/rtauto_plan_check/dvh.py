@@ -491,14 +491,14 @@ SAMPLE_BUDGET = 30_000
 
 def _auto_step(structure: Structure, dose: DoseGrid, supersample: int | None, volume: float):
     """In-plane sample step (mm): the dose pixel spacing divided by ``supersample``, or (auto)
-    about ``SAMPLE_BUDGET`` samples over the structure volume, between 0.1 mm and twice the
+    about ``SAMPLE_BUDGET`` samples over the structure volume, between 0.1 mm and 3 times the
     dose pixel spacing (a divisor of the pixel spacing when finer than it)."""
     pixel = min(dose.pixel_spacing)
     if supersample:
         return pixel / supersample
     target = max((max(volume, 1e-6) * 1000.0 / SAMPLE_BUDGET) ** (1 / 3), 0.1)
     if target >= pixel:
-        return min(target, 2 * pixel)
+        return min(target, 3 * pixel)
     return pixel / max(math.floor(pixel / target), 1)
 
 
