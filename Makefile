@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt $(addsuffix /pyproject.toml,$
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned to the CPU build (monai would otherwise pull a CUDA build)
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[web,dev,postgres]' $(addprefix -e ,$(PLUGINS))
+	$(PIP) install -q -c constraints.txt -e '.[web,dev,postgres,bench]' $(addprefix -e ,$(PLUGINS))
 	touch $@
 
 demo: install
