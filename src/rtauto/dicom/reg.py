@@ -48,7 +48,8 @@ __all__ = [
 SPATIAL_REGISTRATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.1"
 DEFORMABLE_SPATIAL_REGISTRATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.3"
 
-_PATIENT_STUDY_KEYWORDS = (
+# the Patient and General Study attributes a derived object copies from its source series
+PATIENT_STUDY_KEYWORDS = (
     "PatientName",
     "PatientID",
     "PatientBirthDate",
@@ -188,7 +189,7 @@ def _base_dataset(
     ds.SOPInstanceUID = sop_uid
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
-    for keyword in _PATIENT_STUDY_KEYWORDS:
+    for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in study:
             setattr(ds, keyword, study.get(keyword))
     if str(ds.get("PatientSex", "")) not in ("M", "F", "O"):

@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk  # noqa: N813  (the library's usual name)
 
+from rtauto.dicom.reg import PATIENT_STUDY_KEYWORDS
 from rtauto.errors import StepFailed
 
 __all__ = ["SeriesImage", "read_series"]
@@ -159,19 +160,7 @@ def read_series(files: Iterable[Path | str], *, label: str = "series") -> Series
     image.SetDirection(tuple(float(v) for v in direction.ravel()))
 
     header = pydicom.Dataset()
-    for keyword in (
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyInstanceUID",
-        "StudyDate",
-        "StudyTime",
-        "StudyID",
-        "AccessionNumber",
-        "ReferringPhysicianName",
-        "StudyDescription",
-    ):
+    for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in first:
             setattr(header, keyword, first.get(keyword))
 
