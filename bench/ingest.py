@@ -104,6 +104,7 @@ def push(port: int, called_ae: str, files: Sequence[Path], associations: int) ->
             ["storescu", "-aec", called_ae, "-aet", "BENCH", "127.0.0.1", str(port), *group],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            env=nodelay_env(),
         )
         for group in groups
     ]

@@ -20,9 +20,10 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -48,6 +49,19 @@ def require_tool(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} is not installed (`make install` installs it)")
     return path
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.05) -> Any:
+    """Poll until ``predicate()`` is truthy and return its value; fail with a clear message
+    after ``timeout`` seconds (a guard against hanging, never a speed check)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+        time.sleep(interval)
 
 
 def free_port() -> int:

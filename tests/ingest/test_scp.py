@@ -27,7 +27,14 @@ from rtauto.config import Settings
 from rtauto.ingest.header import build_file_meta, read_file_meta
 from rtauto.ingest.scp import StorageSCP, storage_contexts
 from rtauto.store import Store
-from rtauto.testing import SyntheticSeries, echoscu, require_tool, storescu, write_ct_series
+from rtauto.testing import (
+    SyntheticSeries,
+    echoscu,
+    require_tool,
+    storescu,
+    wait_until,
+    write_ct_series,
+)
 from rtauto.uids import new_uid
 
 pytestmark = pytest.mark.integration
@@ -93,6 +100,8 @@ def test_series_is_durable_and_indexed(
     storescu(scp, ct_series.files, calling_ae="CT_SIM")
     files = spool_files(settings)
     assert len(files) == len(ct_series.files)
+    # acknowledged = durable in the spool; the index rows follow from the indexer thread
+    wait_until(lambda: store.counts()["instances"] == len(files), timeout=30)
     assert store.instance_paths() == {str(f.relative_to(settings.spool_dir)) for f in files}
     for sent, sop in zip(ct_series.files, ct_series.sop_instance_uids, strict=True):
         stored = (
@@ -120,6 +129,8 @@ def test_resent_series_is_idempotent(
     result = storescu(scp, ct_series.files)
     assert result.returncode == 0
     assert {f: f.stat().st_ino for f in spool_files(settings)} == first
+    wait_until(lambda: store.counts()["instances"] == len(ct_series.files), timeout=30)
+    time.sleep(0.5)  # nothing more arrives: a re-sent instance is not indexed twice
     assert store.counts()["instances"] == len(ct_series.files)
     assert not list(settings.quarantine_dir.iterdir())
 
@@ -305,7 +316,7 @@ def test_rt_objects_and_images_from_real_data_are_accepted(
     assert stored == sent
     modalities = {m for _c, m in sent.values()}
     assert {"RTPLAN", "RTSTRUCT", "RTDOSE", "SEG", "MR", "REG"} <= modalities
-    assert store.counts()["instances"] == len(files)
+    wait_until(lambda: store.counts()["instances"] == len(files), timeout=30)
     for path in files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         if ds.file_meta.TransferSyntaxUID != "1.2.840.10008.1.2.4.91":
@@ -336,7 +347,7 @@ def test_receiving_processes_share_the_port(settings: Settings, store: Store, tm
             for q in quarters
         ]
         assert [p.wait(timeout=300) for p in pushes] == [0, 0, 0, 0]
-        assert store.counts()["instances"] == 24
+        wait_until(lambda: store.counts()["instances"] == 24, timeout=30)
         assert len(spool_files(settings)) == 24
         assert echoscu(port)
     finally:

@@ -269,3 +269,28 @@ def test_reconcile_indexes_unindexed_files_and_removes_stale_temporaries(
     series = store.get_series(ct_series.series_instance_uid)
     assert series is not None and series.instance_count == 3
     assert series.attributes["SeriesDescription"] == "Planning CT"
+
+
+def test_named_temporary_files_where_unnamed_ones_are_unsupported(
+    settings: Settings, store: Store, ct_series: SyntheticSeries
+):
+    """The write path for file systems without O_TMPFILE: a named file in .incoming, linked
+    into place; nothing is left behind and a re-sent instance is still recognised."""
+    spool = Spool(settings)
+    spool._tmpfile_supported = False
+    records = [spool.ingest_file(path) for path in ct_series.files]
+    assert [f.read_bytes() for f in spool_files(settings)] == [
+        (settings.spool_dir / r.path).read_bytes() for r in sorted(records, key=lambda r: r.path)
+    ]
+    assert not list(settings.incoming_dir.iterdir())
+    again = spool.ingest_file(ct_series.files[0])
+    assert again.path == records[0].path
+    assert len(spool_files(settings)) == len(ct_series.files)
+
+
+def test_known_series_skip_the_attribute_conversion(settings: Settings, ct_series: SyntheticSeries):
+    spool = Spool(settings)
+    first = spool.ingest_file(ct_series.files[0])
+    assert first.attributes["SeriesDescription"] == "Planning CT"
+    spool.known_series.add(ct_series.series_instance_uid)  # its store row exists
+    assert spool.ingest_file(ct_series.files[1]).attributes == {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,16 +15,7 @@ import pytest
 from rtauto.config import Settings, WatchFolder
 from rtauto.ingest.watcher import FolderWatcher
 from rtauto.store import Store
-from rtauto.testing import SyntheticSeries
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    """Poll ``condition`` (a guard against hanging, not a speed check)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
+from rtauto.testing import SyntheticSeries, wait_until
 
 
 def spool_files(settings: Settings) -> list[Path]:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,20 +15,9 @@ import pytest
 import yaml
 
 from rtauto.store import Store
-from rtauto.testing import echoscu, wait_for_port
+from rtauto.testing import echoscu, wait_for_port, wait_until
 
 SITE_PLUGINS = Path(__file__).with_name("site_plugins")
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.2) -> Any:
-    """Poll until ``predicate()`` is truthy; fail the test with a clear message otherwise."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s: {predicate}")
 
 
 class DaemonProcess:

@@ -12,9 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from rtauto.testing import ReceivingSCP, require_tool, storescu, write_ct_series
-
-from .conftest import wait_until
+from rtauto.testing import ReceivingSCP, require_tool, storescu, wait_until, write_ct_series
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rtauto.testing import storescu, write_ct_series
-
-from .conftest import wait_until
+from rtauto.testing import storescu, wait_until, write_ct_series
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from rtauto.testing import ReceivingSCP, ct_phantom, storescu, write_ct_series
-
-from .conftest import wait_until
+from rtauto.testing import ReceivingSCP, ct_phantom, storescu, wait_until, write_ct_series
 
 pytestmark = pytest.mark.integration
 

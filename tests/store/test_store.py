@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
 import shutil
@@ -49,6 +50,20 @@ def exercise(store: Store, tmp_path: Path) -> None:
     assert store.pending_series() == []
     store.record_instance(record("1.2.3.6"))  # a late instance opens the series again
     assert [s.series_uid for s in store.pending_series()] == ["1.2.3.2"]
+
+    # one transaction for the rows of concurrent associations: a known instance, a repeat
+    # within the batch and a new series are told apart, counts add only new instances
+    later = dataclasses.replace(record("1.2.3.8"), attributes={})  # series row exists
+    first_of_new = record("1.2.3.9", series="1.2.3.20")
+    flags = store.record_instances(
+        [record("1.2.3.7"), record("1.2.3.4"), later, record("1.2.3.7"), first_of_new]
+    )
+    assert flags == [True, False, True, False, True]
+    assert store.get_series("1.2.3.2").instance_count == 5
+    assert store.get_series("1.2.3.2").attributes["SeriesDescription"] == "Planning CT"
+    assert store.get_series("1.2.3.20").instance_count == 1
+    assert store.get_series("1.2.3.20").attributes["SeriesDescription"] == "Planning CT"
+    assert store.record_instances([]) == []
 
     kwargs = dict(
         dedupe_key="wf:abc:series:1.2.3.2",

@@ -5,7 +5,7 @@ the called and calling AE titles), negotiates presentation contexts against the 
 abstract/transfer syntaxes, answers C-ECHO, and hands every C-STORE data set to a handler as
 one contiguous buffer that the PDV fragments were read into straight from the socket (no
 per-fragment copies, no decoding). The C-STORE response is sent only after the handler
-returns, so a success status means what the handler guarantees (rtauto: durable and indexed).
+returns, so a success status means what the handler guarantees (rtauto: durable on disk).
 
 Each association runs in its own thread with a blocking socket; ``network_timeout`` bounds
 every wait for the peer (the ARTIM timer before the A-ASSOCIATE-RQ, idle time afterwards) and

@@ -1,4 +1,4 @@
-"""rtauto's storage SCP: C-STORE into the spool (durable and indexed before success), C-ECHO.
+"""rtauto's storage SCP: C-STORE into the spool (durable before success), C-ECHO.
 
 Every storage SOP class pynetdicom knows (RT Plan, RT Ion Plan, RT Dose, RT Structure Set, RT
 Image, RT treatment records, Spatial and Deformable Spatial Registration, Segmentation, all
@@ -16,11 +16,18 @@ child opens its own store handle, asks the kernel to kill it when its parent die
 (``PR_SET_PDEATHSIG``) and also exits when it sees its parent gone. With one process the SCP
 runs in threads of the calling process.
 
+A success status is sent once the instance is durable in the spool. Its row in the job store
+is committed right after by the receiving process's indexer thread, together with the rows of
+the other associations (one transaction for all: the store never slows an association down);
+rows that a dying process could not commit are recovered from the spool by
+:meth:`Spool.reconcile <rtauto.ingest.spool.Spool.reconcile>`, run when a receiving process
+exits and when the daemon starts.
+
 Refused instances are quarantined (see :mod:`rtauto.ingest.spool`) and answered with a failure
 status and an Error Comment: 0xA900 (data set does not match: missing, invalid or inconsistent
 UIDs), 0xC000 (cannot understand: not DICOM, truncated), 0xC001 (the SOP Instance UID is
-already stored with different content); 0xA700 (out of resources) when the spool or the store
-cannot be written.
+already stored with different content); 0xA700 (out of resources) when the spool cannot be
+written.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -95,6 +103,93 @@ def _fast_recv(sock: socket.socket) -> Any:
     return recv
 
 
+class _Indexer:
+    """Commits the index rows of one receiving process in the background.
+
+    The spool file, written durably before the success status, is the record of an
+    acknowledged instance; its index row follows within milliseconds. One thread commits
+    everything queued since its last commit in one transaction, so concurrent associations
+    share commits and no association waits for the database. A failed commit is retried
+    with backoff (the rows stay queued); rows still queued when the process dies are indexed
+    by :meth:`Spool.reconcile <rtauto.ingest.spool.Spool.reconcile>`, which the storage SCP
+    runs when a receiving process exits and the daemon runs at start.
+    """
+
+    def __init__(
+        self,
+        commit: Callable[[list[InstanceRecord]], None],
+        on_committed: Callable[[list[InstanceRecord]], None],
+        max_batch: int = 512,
+    ):
+        self._commit = commit
+        self._on_committed = on_committed
+        self._max_batch = max_batch
+        self._queue: list[InstanceRecord] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="rtauto-scp-indexer", daemon=True)
+        self._thread.start()
+
+    def submit(self, record: InstanceRecord) -> None:
+        with self._cond:
+            self._queue.append(record)
+            self._cond.notify()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every row submitted so far is committed; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Commit what is queued (waiting up to ``timeout``) and stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        if self._queue:
+            log.error(
+                "%d index row(s) not committed at shutdown; the spool files are indexed"
+                " when the daemon starts again",
+                len(self._queue),
+            )
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = self._queue[: self._max_batch]
+                self._busy = True
+            try:
+                self._commit(batch)
+            except Exception:
+                log.exception("indexing %d received instance(s) failed", len(batch))
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+                    if self._closing:
+                        return  # the next start's reconcile indexes them
+                    self._cond.wait(backoff)  # then retry; close() cuts the wait short
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.05
+            self._on_committed(batch)
+            with self._cond:
+                del self._queue[: len(batch)]
+                self._busy = False
+                self._cond.notify_all()
+
+
 class _Receiver:
     """One receiving server (native or pynetdicom) writing into the spool; runs in the current
     process."""
@@ -105,8 +200,8 @@ class _Receiver:
         self.spool = Spool(settings)
         self.store: Store | None = None
         self.server: Any = None
-        self._index_lock = threading.Lock()
         self._index_lock_fd: int | None = None
+        self.indexer: _Indexer | None = None  # commits index rows in the background
 
     def start(self, port: int, reuse_port: bool) -> int:
         self.store = Store(self.store_url)
@@ -115,6 +210,7 @@ class _Receiver:
             self._index_lock_fd = os.open(
                 f"{database}.scp-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
             )
+        self.indexer = _Indexer(self._commit, self._committed)
         if self.settings.scp.implementation == "native":
             return self._start_native(port, reuse_port)
         return self._start_pynetdicom(port, reuse_port)
@@ -195,6 +291,9 @@ class _Receiver:
             else:
                 self.server.stop()
             self.server = None
+        if self.indexer is not None:
+            self.indexer.close()
+            self.indexer = None
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -203,18 +302,26 @@ class _Receiver:
             self._index_lock_fd = None
 
     def _record(self, record: InstanceRecord) -> None:
+        """Queue the index row of an instance already durable in the spool."""
+        assert self.indexer is not None
+        self.indexer.submit(record)
+
+    def _committed(self, records: list[InstanceRecord]) -> None:
+        for record in records:
+            self.spool.known_series.add(record.series_instance_uid)
+
+    def _commit(self, records: list[InstanceRecord]) -> None:
         assert self.store is not None
         if self._index_lock_fd is None:
-            self.store.record_instance(record)
+            self.store.record_instances(records)
             return
         # SQLite lets one writer in and makes the others sleep and retry (milliseconds each);
-        # receivers queue on a lock instead and are woken the moment it is free
-        with self._index_lock:
-            fcntl.flock(self._index_lock_fd, fcntl.LOCK_EX)
-            try:
-                self.store.record_instance(record)
-            finally:
-                fcntl.flock(self._index_lock_fd, fcntl.LOCK_UN)
+        # receiving processes queue on a lock instead and are woken the moment it is free
+        fcntl.flock(self._index_lock_fd, fcntl.LOCK_EX)
+        try:
+            self.store.record_instances(records)
+        finally:
+            fcntl.flock(self._index_lock_fd, fcntl.LOCK_UN)
 
     @staticmethod
     def _on_connection(event: Any) -> None:
@@ -383,6 +490,24 @@ class StorageSCP:
             raise RuntimeError(f"a receiving process of the storage SCP did not start ({line!r})")
         return child
 
+    def _reconcile(self) -> None:
+        """Index what a receiving process that exited had acknowledged but not indexed."""
+        try:
+            store = Store(self.store_url)
+            try:
+                Spool(self.settings).reconcile(store)
+            finally:
+                store.close()
+        except Exception:
+            log.exception("could not index the spool after a receiving process exited")
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until the rows of instances acknowledged so far are committed (one receiving
+        process; with several, each commits within milliseconds on its own)."""
+        if self._receiver is not None and self._receiver.indexer is not None:
+            return self._receiver.indexer.flush(timeout)
+        return True
+
     def _supervise(self, started: threading.Event, failure: list[BaseException]) -> None:
         try:
             for _ in range(self.settings.scp.processes):
@@ -401,6 +526,7 @@ class StorageSCP:
                     )
                     with contextlib.suppress(RuntimeError, OSError):
                         self._children[index] = self._spawn()
+                    self._reconcile()
         for child in self._children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)

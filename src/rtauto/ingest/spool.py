@@ -23,6 +23,7 @@ content": received data is never altered, so the first version stays in the spoo
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -122,6 +123,11 @@ class Spool:
         self.spool_dir = Path(settings.spool_dir)
         self.incoming_dir = Path(settings.incoming_dir)
         self.quarantine_dir = Path(settings.quarantine_dir)
+        # series whose store row exists (the storage SCP adds them once indexed): their
+        # instances skip the header attribute conversion, which only a new series row needs
+        self.known_series = _BoundedSet(10_000)
+        # unnamed temporary files (Linux O_TMPFILE) are linked into place through /proc
+        self._tmpfile_supported = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
 
     # -- public --------------------------------------------------------------------------------
     def ingest_encoded(
@@ -331,14 +337,40 @@ class Spool:
             source=source,
             calling_ae=calling_ae.strip(),
             called_ae=called_ae.strip(),
-            attributes=header_attributes(layout),
+            attributes={} if series in self.known_series else header_attributes(layout),
         )
 
     def _write_new(self, dest: Path, parts: Sequence[bytes | memoryview]) -> bool:
-        """Write ``dest`` durably unless it exists; False when it already existed."""
+        """Write ``dest`` durably unless it exists; False when it already existed.
+
+        The data go into an unnamed file in the destination folder (``O_TMPFILE``; a named
+        temporary file in ``.incoming`` where the file system lacks it), are flushed to disk,
+        and only then get their name through a hard link, which never replaces a file another
+        receiver put there first; then the folder is flushed.
+        """
         if dest.exists():
             return False
         self._make_dirs(dest.parent)
+        if self._tmpfile_supported:
+            try:
+                fd = os.open(dest.parent, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                self._tmpfile_supported = False
+            else:
+                try:
+                    _write_all(fd, parts)
+                    os.fdatasync(fd)
+                    # src_dir_fd only makes Python call linkat(), which follows the /proc link
+                    # (the path is absolute, so the kernel ignores the folder it names)
+                    os.link(f"/proc/self/fd/{fd}", dest, src_dir_fd=fd, follow_symlinks=True)
+                except FileExistsError:
+                    return False
+                finally:
+                    os.close(fd)
+                _fsync_dir(dest.parent)
+                return True
         tmp = self.incoming_dir / f"{uuid.uuid4().hex}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
@@ -350,7 +382,6 @@ class Spool:
             raise
         os.close(fd)
         try:
-            # a hard link never replaces a file another receiver put there first
             os.link(tmp, dest)
         except FileExistsError:
             return False
@@ -444,6 +475,23 @@ class Spool:
             attributes=header_attributes(layout),
             received_at=file.stat().st_mtime,
         )
+
+
+class _BoundedSet:
+    """A set that forgets everything when it reaches ``limit`` members (a cache)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._members: set[str] = set()
+
+    def add(self, item: str) -> None:
+        if item not in self._members:
+            if len(self._members) >= self.limit:
+                self._members.clear()
+            self._members.add(item)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._members
 
 
 _KEYWORD_TAGS = {"PatientID": 0x00100020, "Modality": 0x00080060}
