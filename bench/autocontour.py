@@ -181,6 +181,7 @@ def main() -> None:
         tensor = preprocess(volume, onnx_model.card)
         print(f"network input {tuple(tensor.tensor.shape)}")
 
+        batch = SegmentParams(model="demo-thorax@latest").sw_batch_size  # as the step runs
         step_walls, raw, sliding, torch_raw = [], [], [], []
         for repeat in range(args.repeat + 1):  # the first round warms caches and is dropped
             ctx = _context(files, tmp_path / f"step{repeat}", f"step{repeat}")
@@ -189,10 +190,16 @@ def main() -> None:
             step_wall = time.perf_counter() - start
             timings: dict[str, float] = {}
             start = time.perf_counter()
-            run_network(tensor, onnx_model.card, onnx, timings=timings)
+            run_network(tensor, onnx_model.card, onnx, sw_batch_size=batch, timings=timings)
             sliding_wall = time.perf_counter() - start
             torch_timings: dict[str, float] = {}
-            run_network(tensor, torch_model.card, torch_predictor, timings=torch_timings)
+            run_network(
+                tensor,
+                torch_model.card,
+                torch_predictor,
+                sw_batch_size=batch,
+                timings=torch_timings,
+            )
             if repeat:
                 step_walls.append(step_wall)
                 raw.append(timings["network"])

@@ -141,3 +141,24 @@ def test_real_head_phantom_ct(test_data: Path) -> None:
     assert volume.spacing == pytest.approx((0.5859375, 0.5859375, 1.5))
     assert len(set(volume.sop_instance_uids)) == 177
     assert volume.array.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("bits", "stored", "signed"), [(16, 16, 0), (16, 16, 1), (16, 12, 0), (16, 12, 1), (8, 8, 0)]
+)
+def test_uncompressed_pixels_match_pydicom(
+    tmp_path: Path, bits: int, stored: int, signed: int
+) -> None:
+    """The direct read of uncompressed pixel data gives what pydicom's decoder gives, high
+    bits above BitsStored included (masked, or sign-extended for signed data)."""
+    from rtauto.dicom.geometry import _pixels
+
+    series = write_ct_series(tmp_path / "ct", rows=16, cols=16, slices=1)
+    ds = pydicom.dcmread(series.files[0])
+    rng = np.random.default_rng(5)
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    raw = rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max, size=(16, 16), endpoint=True)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, stored, stored - 1
+    ds.PixelRepresentation = signed
+    ds.PixelData = raw.astype(dtype).tobytes()
+    assert np.array_equal(_pixels(ds), ds.pixel_array)

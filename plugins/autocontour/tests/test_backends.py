@@ -66,3 +66,51 @@ def test_cuda_asked_for_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
     model = ModelRegistry(MODELS).resolve("demo-thorax@1")
     with pytest.raises(ModelError, match="device cuda"):
         load_predictor(model, device="cuda")
+
+
+@pytest.mark.parametrize("codes", ["LPS", "RAS", "SLP"])
+def test_label_maps_on_the_image_grid_agree_between_the_two_resamplers(codes: str) -> None:
+    """The separable resampler (network axes along image axes, any permutation and flips)
+    gives the label map of the general trilinear one, boundary points included."""
+    import itertools
+
+    import torch
+    from rtauto_autocontour import inference
+
+    from rtauto.dicom.geometry import Volume
+
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    affine[:3, 3] = (-100.0, -90.0, -40.0)
+    volume = Volume(
+        array=np.zeros((23, 50, 60), np.float32),
+        affine=affine,
+        spacing=(0.8, 0.8, 2.0),
+        direction=np.eye(3),
+        origin=affine[:3, 3],
+        sop_instance_uids=[],
+        frame_of_reference_uid="1.2.3",
+        study_instance_uid="1.2.3.4",
+        series_instance_uid="1.2.3.5",
+        patient_position="HFS",
+    )
+    array_ijk = np.zeros((60, 50, 23), np.float32)
+    _, network_affine = inference.reorient(array_ijk, affine, codes)
+    network_affine = network_affine.copy()
+    network_affine[:3, :3] *= 4.1  # coarser grid, not aligned with the image's
+    network_affine[:3, 3] += 0.7
+    shape = (13, 11, 9)
+    logits = torch.from_numpy(np.random.default_rng(3).normal(size=(1, 4, *shape)).astype("f4"))
+    separable = inference.to_image_grid(logits, network_affine, volume)
+
+    probabilities = torch.softmax(logits, dim=1)[0].numpy()
+    winner = probabilities.argmax(axis=0).astype(np.int8)
+    padded = np.pad(winner, [(0, 1)] * 3, mode="edge")
+    cell = padded[:-1, :-1, :-1].copy()
+    for di, dj, dk in itertools.product((0, 1), repeat=3):
+        cell[padded[di : di + 13, dj : dj + 11, dk : dk + 9] != cell] = -1
+    mapping = np.linalg.inv(network_affine) @ affine
+    general = inference._to_image_grid_general(
+        probabilities, cell, mapping, np.asarray(shape, float) - 1, volume
+    )
+    assert (separable == general).all()
+    assert len(np.unique(separable)) == 4  # boundaries between every label were exercised

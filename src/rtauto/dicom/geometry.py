@@ -109,6 +109,41 @@ def _read_headers(files: Iterable[Path | str | Dataset]) -> list[tuple[str, Data
     return headers
 
 
+_NATIVE_LITTLE_ENDIAN = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
+
+
+def _pixels(ds: Dataset) -> np.ndarray:
+    """The stored values of a single-frame image, as pydicom gives them (bits above
+    BitsStored masked, or sign-extended for signed data); uncompressed little endian data are
+    read straight from the buffer, anything else goes through pydicom."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    stored = int(ds.get("BitsStored", 0) or 0)
+    if (
+        syntax in _NATIVE_LITTLE_ENDIAN
+        and bits in (8, 16, 32)
+        and 0 < stored <= bits
+        and int(ds.get("SamplesPerPixel", 1) or 1) == 1
+        and int(ds.get("NumberOfFrames", 1) or 1) == 1
+        and "PixelData" in ds
+    ):
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        signed = bool(int(ds.get("PixelRepresentation", 0) or 0))
+        data = ds.PixelData
+        if len(data) >= rows * cols * bits // 8:
+            dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+            values = np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)
+            if stored < bits:
+                shift = bits - stored
+                if signed:
+                    values = (values << shift) >> shift
+                else:
+                    values = values & dtype.type((1 << stored) - 1)
+            return values
+    return np.asarray(ds.pixel_array)
+
+
 def _require(ds: Dataset, name: str, where: str) -> object:
     value = ds.get(name)
     if value is None or value == "":
@@ -122,7 +157,13 @@ def load_series(files: Iterable[Path | str | Dataset]) -> Volume:
     ``files`` are paths or already-read datasets of a single series, in any order. Raises
     :class:`GeometryError` for anything that would put voxels in the wrong place.
     """
+    files = list(files)
     headers = _read_headers(files)
+    owned = {
+        where
+        for (where, _), item in zip(headers, files, strict=True)
+        if not isinstance(item, Dataset)
+    }
     if not headers:
         raise GeometryError("the series holds no image")
     where0, first = headers[0]
@@ -221,7 +262,7 @@ def load_series(files: Iterable[Path | str | Dataset]) -> Volume:
     slices = []
     for where, ds in headers:
         try:
-            pixels = ds.pixel_array.astype(np.float32)
+            pixels = _pixels(ds).astype(np.float32)
         except Exception as exc:
             raise GeometryError(f"{where}: pixel data cannot be decoded ({exc})") from exc
         slope = float(ds.get("RescaleSlope", 1) or 1)
@@ -237,8 +278,14 @@ def load_series(files: Iterable[Path | str | Dataset]) -> Volume:
     affine[:3, 3] = origin
 
     stripped = []
-    for _, ds in headers:
-        header = Dataset()
+    for where, ds in headers:
+        if where in owned:
+            # read here: the pixel data (in ``array`` now) is dropped from the dataset itself,
+            # leaving the other elements encoded until someone reads them
+            del ds[0x7FE00010]
+            stripped.append(ds)
+            continue
+        header = Dataset()  # the caller's dataset is left as it is
         for elem in ds:
             if elem.tag != 0x7FE00010:  # pixel data lives in ``array`` only
                 header.add(elem)

@@ -156,13 +156,19 @@ def mask_to_polygons(mask2d: np.ndarray, *, keyhole: bool = False) -> list[np.nd
 
     Outer boundaries and holes come as separate polygons (even-odd) unless ``keyhole``.
     """
-    if not mask2d.any():
+    rows = np.flatnonzero(mask2d.any(axis=1))
+    if not rows.size:
         return []
-    padded = np.pad(mask2d.astype(np.float32), 1)
+    cols = np.flatnonzero(mask2d.any(axis=0))
+    r0, c0 = int(rows[0]), int(cols[0])
+    # traced on the mask's bounding box only (a small organ on a 512x512 slice)
+    box = mask2d[r0 : int(rows[-1]) + 1, c0 : int(cols[-1]) + 1]
+    padded = np.pad(box.astype(np.float32), 1)
+    offset = np.array([c0 - 1.0, r0 - 1.0])
     polygons = []
     for contour in find_contours(padded, 0.5):
-        # Closed contours repeat their first point last; drop it, undo the padding, (x, y).
-        points = contour[:-1, ::-1] - 1.0
+        # Closed contours repeat their first point last; drop it, undo box and padding, (x, y).
+        points = contour[:-1, ::-1] + offset
         points = _drop_collinear(points)
         if len(points) >= 3 and abs(_signed_area(points)) > 0:
             polygons.append(points)
@@ -184,6 +190,41 @@ def _contour_data_element(points: np.ndarray) -> RawDataElement:
     if len(text) % 2:
         text += b" "
     return RawDataElement(_CONTOUR_DATA, "DS", len(text), text, 0, True, True)
+
+
+def _raw(tag: int, vr: str, text: str, pad: bytes = b" ") -> RawDataElement:
+    value = text.encode("ascii")
+    if len(value) % 2:
+        value += pad
+    return RawDataElement(Tag(tag), vr, len(value), value, 0, True, True)
+
+
+def _encoded_item(elements: Sequence[RawDataElement]) -> Dataset:
+    """A sequence item of elements already encoded as the file is written (implicit VR
+    little endian, ASCII values), so the writer copies them instead of converting each."""
+    item = Dataset()
+    for element in elements:
+        item[element.tag] = element
+    item.set_original_encoding(True, True, item._character_set)
+    return item
+
+
+def _contour_item(sop_class: str, sop_instance: str, number: int, points: np.ndarray) -> Dataset:
+    """One ContourSequence item: a CLOSED_PLANAR polygon (N, 3) in patient coordinates on the
+    image ``sop_instance``."""
+    image = _encoded_item(
+        [_raw(0x00081150, "UI", sop_class, b"\0"), _raw(0x00081155, "UI", sop_instance, b"\0")]
+    )
+    contour = _encoded_item(
+        [
+            _raw(0x30060042, "CS", "CLOSED_PLANAR"),
+            _raw(0x30060046, "IS", str(len(points))),
+            _raw(0x30060048, "IS", str(number)),
+            _contour_data_element(points),
+        ]
+    )
+    contour.ContourImageSequence = DicomSequence([image])
+    return contour
 
 
 def _copy_attributes(target: Dataset, source: Dataset, names: Sequence[str]) -> None:
@@ -280,10 +321,11 @@ def write_rtstruct(
     ds.StructureSetDate, ds.StructureSetTime = date, time
     ds.InstanceNumber = 1
 
+    image_classes = [str(header.SOPClassUID) for header in volume.headers]
     contour_images = DicomSequence()
-    for header, uid in zip(volume.headers, volume.sop_instance_uids, strict=True):
+    for sop_class, uid in zip(image_classes, volume.sop_instance_uids, strict=True):
         item = Dataset()
-        item.ReferencedSOPClassUID = header.SOPClassUID
+        item.ReferencedSOPClassUID = sop_class
         item.ReferencedSOPInstanceUID = uid
         contour_images.append(item)
     series_ref = Dataset()
@@ -304,19 +346,17 @@ def write_rtstruct(
         number = structure.number or number + 1
         slices_with_contours = []
         contour_sequence = DicomSequence()
-        for k in range(volume.shape[0]):
+        for k in np.flatnonzero(structure.mask.any(axis=(1, 2))).tolist():
             for polygon in mask_to_polygons(structure.mask[k], keyhole=keyhole):
                 ijk = np.column_stack([polygon, np.full(len(polygon), float(k))])
-                contour = Dataset()
-                image = Dataset()
-                image.ReferencedSOPClassUID = volume.headers[k].SOPClassUID
-                image.ReferencedSOPInstanceUID = volume.sop_instance_uids[k]
-                contour.ContourImageSequence = DicomSequence([image])
-                contour.ContourGeometricType = "CLOSED_PLANAR"
-                contour.NumberOfContourPoints = len(polygon)
-                contour.ContourNumber = len(contour_sequence) + 1
-                contour[_CONTOUR_DATA] = _contour_data_element(volume.index_to_patient(ijk))
-                contour_sequence.append(contour)
+                contour_sequence.append(
+                    _contour_item(
+                        image_classes[k],
+                        volume.sop_instance_uids[k],
+                        len(contour_sequence) + 1,
+                        volume.index_to_patient(ijk),
+                    )
+                )
                 slices_with_contours.append(k)
         if not contour_sequence and drop_empty:
             log.info("structure %s is empty and is left out", structure.name)

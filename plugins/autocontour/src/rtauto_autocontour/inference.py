@@ -59,6 +59,17 @@ class Segmentation:
     provider: str = ""
 
 
+def _assignment(affine: np.ndarray, codes: str) -> tuple[int, ...]:
+    """The best assignment of array axes to the axes of ``codes``: target axis ``t`` takes
+    source axis ``order[t]`` (the closest of the six permutations, so oblique images work)."""
+    unit = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    wanted = [_CODES[c] for c in codes.upper()]
+    return max(
+        itertools.permutations(range(3)),
+        key=lambda perm: sum(abs(unit[wanted[t][0], perm[t]]) for t in range(3)),
+    )
+
+
 def reorient(
     array_ijk: np.ndarray, affine: np.ndarray, codes: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -69,11 +80,7 @@ def reorient(
     """
     unit = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     wanted = [_CODES[c] for c in codes.upper()]
-    # best assignment target axis t <- source axis order[t]
-    order = max(
-        itertools.permutations(range(3)),
-        key=lambda perm: sum(abs(unit[wanted[t][0], perm[t]]) for t in range(3)),
-    )
+    order = _assignment(affine, codes)
     array = np.transpose(array_ijk, order)
     new = np.eye(4)
     new[:3, 3] = affine[:3, 3]
@@ -89,24 +96,38 @@ def reorient(
 
 
 def preprocess(volume: Volume, card: ModelCard) -> NetworkInput:
-    """Reorient, resample and normalise ``volume`` as the card's network expects."""
-    array_ijk = volume.array.transpose(2, 1, 0)  # (k, j, i) -> (i, j, k)
-    array, affine = reorient(array_ijk, volume.affine, card.orientation)
+    """Resample, reorient and normalise ``volume`` as the card's network expects.
+
+    MONAI ``Spacing`` resamples the volume as it lies in memory (slices, rows, columns; its
+    affine says where each voxel is), each axis to the card's spacing of the patient axis it
+    runs along; only the much smaller result is permuted and flipped into the card's
+    orientation (exact: no second interpolation).
+    """
+    order = _assignment(volume.affine, card.orientation)  # card axis t <- image axis order[t]
+    spacing_of = {source: card.spacing[t] for t, source in enumerate(order)}
+    pixdim = [spacing_of[2], spacing_of[1], spacing_of[0]]  # memory axes: k, j, i
     image = MetaTensor(
-        torch.from_numpy(np.ascontiguousarray(array))[None], affine=torch.as_tensor(affine)
+        torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))[None],
+        affine=torch.as_tensor(volume.affine[:, [2, 1, 0, 3]]),
     )
-    resampled = Spacing(pixdim=card.spacing, mode="bilinear", padding_mode="border")(image)
+    resampled = Spacing(pixdim=pixdim, mode="bilinear", padding_mode="border")(image)
+    kji = np.asarray(resampled.affine, dtype=float)
+    array, affine = reorient(
+        resampled.as_tensor()[0].numpy().transpose(2, 1, 0),
+        kji[:, [2, 1, 0, 3]],
+        card.orientation,
+    )
+    image = MetaTensor(torch.from_numpy(np.ascontiguousarray(array))[None])
     norm = card.normalization
     if norm.kind == "window":
         transform = ScaleIntensityRange(norm.low, norm.high, 0.0, 1.0, clip=True)
     else:
         transform = NormalizeIntensity(subtrahend=norm.mean, divisor=norm.std)
-    normalised = transform(resampled)
-    new_affine = np.asarray(resampled.affine, dtype=float)
+    normalised = transform(image)
     tensor = torch.as_tensor(
         normalised.as_tensor() if isinstance(normalised, MetaTensor) else normalised
     )
-    return NetworkInput(tensor[None].float().contiguous(), new_affine)
+    return NetworkInput(tensor[None].float().contiguous(), affine)
 
 
 def run_network(
@@ -146,7 +167,7 @@ def run_network(
 
 
 def to_image_grid(logits: torch.Tensor, network_affine: np.ndarray, volume: Volume) -> np.ndarray:
-    """Probabilities back onto the image grid, slab by slab, as an int8 argmax label map.
+    """Probabilities back onto the image grid as an int8 argmax label map.
 
     Trilinear interpolation of the softmax, then argmax. Where all 8 network voxels around a
     point agree on the label, interpolation cannot change it: those points take it directly
@@ -162,9 +183,6 @@ def to_image_grid(logits: torch.Tensor, network_affine: np.ndarray, volume: Volu
         corner = padded[di : di + size[0], dj : dj + size[1], dk : dk + size[2]]
         cell[corner != cell] = -1
     mapping = np.linalg.inv(network_affine) @ volume.affine  # image (i, j, k) -> (i', j', k')
-    depth, rows, cols = volume.shape
-    jj, ii = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    labels = np.empty(volume.shape, dtype=np.int8)
     upper = np.maximum(size - 1, 0).astype(float)
     linear = mapping[:3, :3]
     src = np.abs(linear).argmax(axis=1)  # image axis each network axis follows
@@ -172,31 +190,87 @@ def to_image_grid(logits: torch.Tensor, network_affine: np.ndarray, volume: Volu
         np.allclose(linear, np.where(np.arange(3)[None, :] == src[:, None], linear, 0.0))
         and len(set(src.tolist())) == 3
     )
-    i_line = np.arange(cols, dtype=float)[None, None, :]
-    j_line = np.arange(rows, dtype=float)[None, :, None]
+    if axis_aligned:
+        return _to_image_grid_separable(probabilities, cell, mapping, src, volume)
+    return _to_image_grid_general(probabilities, cell, mapping, upper, volume)
+
+
+def _axis_samples(
+    mapping: np.ndarray, axis: int, image_axis: int, count: int, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For network ``axis`` following ``image_axis``: the lower and upper network index and
+    the interpolation weight of the upper one, for each of the ``count`` image indices
+    (points outside the network grid take its edge values)."""
+    t = np.arange(count, dtype=float)
+    c = np.clip(mapping[axis, image_axis] * t + mapping[axis, 3], 0.0, max(size - 1, 0))
+    low = np.minimum(np.floor(c).astype(np.intp), max(size - 2, 0))
+    high = np.minimum(low + 1, size - 1)
+    return low, high, (c - low).astype(np.float32)
+
+
+def _to_image_grid_separable(
+    probabilities: np.ndarray,
+    cell: np.ndarray,
+    mapping: np.ndarray,
+    src: np.ndarray,
+    volume: Volume,
+) -> np.ndarray:
+    """:func:`to_image_grid` when each network axis follows one image axis (any flips and
+    permutations): cell labels by three 1-D lookups, and the trilinear interpolation at
+    boundary points as three successive linear ones (along slices, rows, then columns)."""
+    depth, rows, cols = volume.shape
+    along = {int(image_axis): net_axis for net_axis, image_axis in enumerate(src)}
+    order = (along[2], along[1], along[0])  # network axes following k, j, i
+    cells = cell.transpose(order)
+    probs = np.ascontiguousarray(probabilities.transpose(0, *(1 + a for a in order)))
+    shape = cells.shape
+    k0, k1, kw = _axis_samples(mapping, order[0], 2, depth, shape[0])
+    j0, j1, jw = _axis_samples(mapping, order[1], 1, rows, shape[1])
+    i0, i1, iw = _axis_samples(mapping, order[2], 0, cols, shape[2])
+    # the cell of a point is the one at its lower corner
+    labels = np.take(np.take(np.take(cells, k0, axis=0), j0, axis=1), i0, axis=2)
+    for start in range(0, depth, SLAB):
+        stop = min(depth, start + SLAB)
+        slab = labels[start:stop]
+        todo = np.nonzero(slab < 0)
+        if not todo[0].size:
+            continue
+        w = kw[start:stop, None, None]
+        along_k = np.take(probs, k0[start:stop], axis=1) * (1 - w)
+        along_k += np.take(probs, k1[start:stop], axis=1) * w
+        w = jw[None, :, None]
+        along_j = np.take(along_k, j0, axis=2) * (1 - w)
+        along_j += np.take(along_k, j1, axis=2) * w  # (C, slab, rows, i')
+        kk, jj, ii = todo
+        w = iw[ii]
+        mixed = along_j[:, kk, jj, i0[ii]] * (1 - w) + along_j[:, kk, jj, i1[ii]] * w
+        slab[todo] = mixed.argmax(axis=0).astype(np.int8)
+    return labels
+
+
+def _to_image_grid_general(
+    probabilities: np.ndarray,
+    cell: np.ndarray,
+    mapping: np.ndarray,
+    upper: np.ndarray,
+    volume: Volume,
+) -> np.ndarray:
+    """:func:`to_image_grid` for an image grid oblique to the network's, slab by slab."""
+    size = np.asarray(cell.shape)
+    depth, rows, cols = volume.shape
+    jj, ii = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    labels = np.empty(volume.shape, dtype=np.int8)
     for k0 in range(0, depth, SLAB):
         k1 = min(depth, k0 + SLAB)
         kk = np.arange(k0, k1, dtype=float)[:, None, None]
-        shape = (k1 - k0, rows, cols)
-        if axis_aligned:
-            # each network axis follows one image axis: 1-D coordinates, broadcast on use
-            axes = (i_line, j_line, kk)
-            coords = [
-                np.broadcast_to(
-                    np.clip(mapping[a, src[a]] * axes[src[a]] + mapping[a, 3], 0.0, upper[a]),
-                    shape,
-                )
-                for a in range(3)
-            ]
-        else:
-            coords = [
-                np.clip(
-                    mapping[a, 0] * ii + mapping[a, 1] * jj + mapping[a, 2] * kk + mapping[a, 3],
-                    0.0,
-                    upper[a],
-                )
-                for a in range(3)
-            ]  # border: points outside the network grid take its edge values
+        coords = [
+            np.clip(
+                mapping[a, 0] * ii + mapping[a, 1] * jj + mapping[a, 2] * kk + mapping[a, 3],
+                0.0,
+                upper[a],
+            )
+            for a in range(3)
+        ]  # border: points outside the network grid take its edge values
         base = [
             np.minimum(np.floor(c).astype(np.int64), max(int(upper[a]) - 1, 0))
             for a, c in enumerate(coords)
@@ -223,42 +297,45 @@ def to_image_grid(logits: torch.Tensor, network_affine: np.ndarray, volume: Volu
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """MONAI's KeepLargestConnectedComponent on the mask's bounding box (cheap on a big CT)."""
-    box = ndi.find_objects(mask.astype(np.uint8))[0]
+    """MONAI's KeepLargestConnectedComponent on a mask (given on its label's bounding box)."""
     kept = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False)(
-        torch.from_numpy(mask[box].astype(np.uint8))[None]
+        torch.from_numpy(mask.view(np.uint8))[None]
     )
-    out = np.zeros_like(mask)
-    out[box] = torch.as_tensor(kept)[0].numpy().astype(bool)
-    return out
+    return torch.as_tensor(kept)[0].numpy().astype(bool)
 
 
 def _fill_cavities(mask: np.ndarray) -> np.ndarray:
-    """``mask`` with enclosed 3-D cavities filled: background not connected to the box edge.
+    """``mask`` with enclosed 3-D cavities filled: background not connected to the edge of
+    the (bounding box) array.
 
     Same result as MONAI ``FillHoles`` (scipy's iterative fill), in one labelling pass.
     """
-    box = ndi.find_objects(mask.astype(np.uint8))[0]
-    inner = np.pad(mask[box], 1)
+    inner = np.pad(mask, 1)
     background, _ = ndi.label(~inner)
     outside = background == background[0, 0, 0]
-    out = mask.copy()
-    out[box] = ~outside[1:-1, 1:-1, 1:-1]
-    return out
+    return ~outside[1:-1, 1:-1, 1:-1]
 
 
 def postprocess(labels: np.ndarray, card: ModelCard) -> np.ndarray:
-    """Per-label options of the card: largest 3-D component, filled cavities (in place)."""
+    """Per-label options of the card: largest 3-D component, filled cavities (in place).
+
+    Each label is processed on its bounding box (one pass over the volume finds them all);
+    a filled cavity takes the label only where no other label is.
+    """
+    boxes = ndi.find_objects(labels)
     for index, spec in sorted(card.labels.items()):
-        mask = labels == index
-        if not mask.any():
+        if index > len(boxes) or boxes[index - 1] is None:
+            continue  # the model did not find it
+        if not (spec.largest_component or spec.fill_holes):
             continue
+        box = labels[boxes[index - 1]]  # a view: edits reach ``labels``
+        mask = box == index
         if spec.largest_component:
             kept = _largest_component(mask)
-            labels[mask & ~kept] = 0
+            box[mask & ~kept] = 0
             mask = kept
         if spec.fill_holes:
-            labels[_fill_cavities(mask) & (labels == 0)] = index  # other labels stay
+            box[_fill_cavities(mask) & (box == 0)] = index  # other labels stay
     return labels
 
 

@@ -59,7 +59,7 @@ class SegmentParams(BaseModel):
     keyhole: bool = Field(False, description="splice holes into outer contours")
     drop_empty: bool = Field(False, description="leave out structures the model did not find")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    sw_batch_size: int = Field(1, ge=1, le=64, description="patches per backend call")
+    sw_batch_size: int = Field(4, ge=1, le=64, description="patches per backend call")
 
 
 class ThresholdParams(BaseModel):
