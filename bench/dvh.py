@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import openpyxl
 import pydicom
 import pydicom.dicomio
 
@@ -27,67 +26,33 @@ import pydicom.dicomio
 if not hasattr(pydicom.dicomio, "read_file"):
     pydicom.dicomio.read_file = pydicom.dcmread  # type: ignore[attr-defined]
 from dicompylercore import dvhcalc  # noqa: E402
-from rtauto_plan_check.dvh import DoseGrid, compute_dvh, read_structures  # noqa: E402
+from rtauto_plan_check.nelms import METRICS, NelmsCase, d_points, nelms_cases, our_dvh  # noqa: E402
 
-METRICS = ("Dmin", "Dmax", "Dmean", "D99", "D95", "D5", "D1", "D0.03cc")
 ONE_PERCENT_CGY = 28.0  # 1 % of the 28 Gy upper dose of the benchmark's gradients
 
 
-def cases(root: Path, quick: bool) -> list[dict]:
-    folder = root / "dvh-benchmark-nelms" / "DVH-Analysis-Data-Etc"
-    sheet = openpyxl.load_workbook(
-        folder / "ANALYTICAL RESULTS" / "Extracted Analytical D points.xlsx", data_only=True
-    ).active
-    found = []
-    for row in sheet.iter_rows(min_row=4, max_col=27, values_only=True):
-        name, voxel, gradient = row[0], row[3], row[4]
-        if not name or not isinstance(voxel, int | float):
-            continue
-        direction = "AntPost" if str(gradient).startswith("Z") else "SupInf"
-        structure = folder / "STRUCTURES" / f"{name.replace('__', '_')}.dcm"
-        dose = folder / "DOSE GRIDS" / f"Linear_{direction}_{int(voxel)}mm_Aligned.dcm"
-        if quick and "_02_" in structure.name:
-            continue
-        if structure.is_file() and dose.is_file():
-            reference = dict(zip(("Volume", *METRICS), row[18:27], strict=True))
-            label = f"{structure.stem} {direction} {int(voxel)}mm"
-            found.append({"label": label, "structure": structure, "dose": dose, "ref": reference})
-    return found
+def cases(root: Path, quick: bool) -> list[NelmsCase]:
+    """The benchmark's cases; ``quick`` leaves out the 0.2 mm structure sets."""
+    return [c for c in nelms_cases(root) if not (quick and "_02_" in c.structure.name)]
 
 
-def ours(case: dict, doses: dict) -> dict[str, float]:
-    if case["dose"] not in doses:
-        doses[case["dose"]] = DoseGrid.from_dataset(pydicom.dcmread(case["dose"]))
-    structure = next(
-        s for s in read_structures(pydicom.dcmread(case["structure"])).values() if s.planes
-    )
-    dvh = compute_dvh(structure, doses[case["dose"]])
-    values = {
-        "Dmin": dvh.minimum,
-        "Dmax": dvh.maximum,
-        "Dmean": dvh.mean,
-        "D99": dvh.d_percent(99),
-        "D95": dvh.d_percent(95),
-        "D5": dvh.d_percent(5),
-        "D1": dvh.d_percent(1),
-        "D0.03cc": dvh.d_cc(0.03),
-    }
-    return {k: 100.0 * v for k, v in values.items()}
+def ours(case: NelmsCase, doses: dict) -> dict[str, float]:
+    return d_points(our_dvh(case, doses))
 
 
 def dicompyler(case: dict, interpolate: bool = False) -> dict[str, float]:
-    rtss = pydicom.dcmread(case["structure"])
+    rtss = pydicom.dcmread(case.structure)
     roi = next(
         int(r.ReferencedROINumber) for r in rtss.ROIContourSequence if r.get("ContourSequence")
     )
     options = {}
     if interpolate:  # its own supersampling: 4 per dose pixel in plane, 2 between planes
-        spacing = float(pydicom.dcmread(case["dose"], stop_before_pixels=True).PixelSpacing[0])
+        spacing = float(pydicom.dcmread(case.dose, stop_before_pixels=True).PixelSpacing[0])
         options = {
             "interpolation_resolution": spacing / 4,
             "interpolation_segments_between_planes": 2,
         }
-    dvh = dvhcalc.get_dvh(str(case["structure"]), str(case["dose"]), roi, **options)
+    dvh = dvhcalc.get_dvh(str(case.structure), str(case.dose), roi, **options)
     values = {
         "Dmin": dvh.min,
         "Dmax": dvh.max,
@@ -140,11 +105,11 @@ def main() -> int:
             start = time.perf_counter()
             results[engine] = compute(case)
             seconds[engine] += time.perf_counter() - start
-            errors[engine].append([results[engine][m] - case["ref"][m] for m in METRICS])
+            errors[engine].append([results[engine][m] - case.reference[m] for m in METRICS])
         if args.table:
             for m in METRICS:
                 print(
-                    f"{case['label']:34s} {m:8s} {case['ref'][m]:9.1f} {results['rtauto'][m]:9.1f} "
+                    f"{case.label:34s} {m:8s} {case.reference[m]:9.1f} {results['rtauto'][m]:9.1f} "
                     f"{results['dicompyler-core'][m]:10.1f}"
                 )
     print(f"\nNelms benchmark: {len(found)} cases x {len(METRICS)} D-points; |error| in cGy")
@@ -165,7 +130,7 @@ def main() -> int:
             f"{within:5.1f} %; {seconds[engine]:.1f} s"
         )
     beyond = [
-        f"{case['label']} {m}"
+        f"{case.label} {m}"
         for case, row in zip(found, ours_abs, strict=True)
         for m, error in zip(METRICS, row, strict=True)
         if error > ONE_PERCENT_CGY

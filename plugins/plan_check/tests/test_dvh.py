@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from rtauto_plan_check.dvh import DoseGrid, Structure, compute_dvh, read_structures
+from rtauto_plan_check.dvh import DoseGrid, Structure, compute_dvh
+from rtauto_plan_check.nelms import METRICS, NelmsCase, d_points, nelms_cases, our_dvh
 
 
 def _linear_dose(gradient_axis: int, spacing: float = 2.0) -> DoseGrid:
@@ -94,60 +95,23 @@ def test_dose_grid_geometry_from_a_dataset_with_reversed_frames(breast: Path) ->
 # Nelms benchmark
 # ---------------------------------------------------------------------------------------------
 
-METRICS = ("Dmin", "Dmax", "Dmean", "D99", "D95", "D5", "D1", "D0.03cc")
 # cGy: the analytic doses span 2.5-29.5 Gy; 1 % of the 28 Gy top of the gradient
 ONE_PERCENT_CGY = 28.0
 
 
-def nelms_cases(root: Path) -> list[dict]:
-    """Every spreadsheet row whose structure file and dose grid are in the data set."""
-    import openpyxl
-
-    folder = root / "dvh-benchmark-nelms" / "DVH-Analysis-Data-Etc"
-    sheet = openpyxl.load_workbook(
-        folder / "ANALYTICAL RESULTS" / "Extracted Analytical D points.xlsx", data_only=True
-    ).active
-    cases = []
-    for row in sheet.iter_rows(min_row=4, max_col=27, values_only=True):
-        name, voxel, gradient = row[0], row[3], row[4]
-        if not name or not isinstance(voxel, int | float):
-            continue
-        direction = "AntPost" if str(gradient).startswith("Z") else "SupInf"
-        structure = folder / "STRUCTURES" / f"{name.replace('__', '_')}.dcm"
-        dose = folder / "DOSE GRIDS" / f"Linear_{direction}_{int(voxel)}mm_Aligned.dcm"
-        if structure.is_file() and dose.is_file():
-            reference = dict(zip(("Volume", *METRICS), row[18:27], strict=True))
-            cases.append({"structure": structure, "dose": dose, "reference": reference})
-    return cases
-
-
-def nelms_errors(case: dict, dose_cache: dict) -> dict[str, float]:
+def nelms_errors(case: NelmsCase, dose_cache: dict) -> dict[str, float]:
     """Our value minus the analytic one: cGy for doses, percent for the volume."""
-    if case["dose"] not in dose_cache:
-        dose_cache[case["dose"]] = DoseGrid.from_dataset(pydicom.dcmread(case["dose"]))
-    structures = read_structures(pydicom.dcmread(case["structure"]))
-    structure = next(s for s in structures.values() if s.planes)
-    dvh = compute_dvh(structure, dose_cache[case["dose"]])
-    ours = {
-        "Dmin": dvh.minimum,
-        "Dmax": dvh.maximum,
-        "Dmean": dvh.mean,
-        "D99": dvh.d_percent(99),
-        "D95": dvh.d_percent(95),
-        "D5": dvh.d_percent(5),
-        "D1": dvh.d_percent(1),
-        "D0.03cc": dvh.d_cc(0.03),
-    }
-    reference = case["reference"]
-    errors = {m: 100.0 * ours[m] - reference[m] for m in METRICS}
-    errors["Volume%"] = 100.0 * (dvh.volume - reference["Volume"]) / reference["Volume"]
+    dvh = our_dvh(case, dose_cache)
+    ours = d_points(dvh)
+    errors = {m: ours[m] - case.reference[m] for m in METRICS}
+    errors["Volume%"] = 100.0 * (dvh.volume - case.reference["Volume"]) / case.reference["Volume"]
     return errors
 
 
 @pytest.mark.slow
 def test_nelms_benchmark_against_analytic_values(test_data: Path) -> None:
     # the 1, 2 and 3 mm structure sets (the 0.2 mm ones repeat the same shapes)
-    cases = [c for c in nelms_cases(test_data) if "_02_" not in c["structure"].name]
+    cases = [c for c in nelms_cases(test_data) if "_02_" not in c.structure.name]
     assert len(cases) >= 60
     cache: dict = {}
     errors = [nelms_errors(case, cache) for case in cases]
@@ -155,7 +119,7 @@ def test_nelms_benchmark_against_analytic_values(test_data: Path) -> None:
     volumes = np.array([abs(e["Volume%"]) for e in errors])
     # every D-point within 1 % of the prescription (28 Gy), named when one is not
     beyond = {
-        f"{case['structure'].stem} {case['dose'].stem} {metric}": round(float(error), 1)
+        f"{case.structure.stem} {case.dose.stem} {metric}": round(float(error), 1)
         for case, row in zip(cases, doses, strict=True)
         for metric, error in zip(METRICS, row, strict=True)
         if error > ONE_PERCENT_CGY
