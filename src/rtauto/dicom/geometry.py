@@ -259,16 +259,18 @@ def load_series(files: Iterable[Path | str | Dataset]) -> Volume:
         thickness = first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0
         slice_spacing = float(thickness)
 
-    slices = []
-    for where, ds in headers:
+    array = np.empty((len(headers), *size), dtype=np.float32)  # filled in place: one copy
+    for k, (where, ds) in enumerate(headers):
         try:
-            pixels = _pixels(ds).astype(np.float32)
+            pixels = _pixels(ds)
         except Exception as exc:
             raise GeometryError(f"{where}: pixel data cannot be decoded ({exc})") from exc
+        if pixels.shape != size:
+            raise GeometryError(f"{where}: pixel data holds {pixels.shape}, not {size}")
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        slices.append(pixels * np.float32(slope) + np.float32(intercept))
-    array = np.stack(slices).astype(np.float32, copy=False)
+        np.multiply(pixels, np.float32(slope), out=array[k], casting="unsafe")
+        array[k] += np.float32(intercept)
 
     spacing = (float(pixel_spacing[1]), float(pixel_spacing[0]), slice_spacing)
     direction = np.stack([row_dir, col_dir, normal], axis=1)
