@@ -5,21 +5,25 @@ dcmtk ``storescu`` pushes a synthetic CT series (``--slices`` slices of 512x512,
 (4 ``storescu`` processes, each sending a quarter of the slices). Targets:
 
 * rtauto: :class:`rtauto.ingest.scp.StorageSCP` with its durable writes (fdatasync + folder
-  fsync before success) and one job-store row per instance;
+  fsync before success) and one job-store row per instance (committed in the background);
 * dcmtk ``storescp`` (one association) and ``storescp --fork`` (4 associations);
 * Orthanc.
 
-dcmtk and Orthanc run with ``TCP_NODELAY=1`` (:func:`rtauto.testing.nodelay_env`); without it
-they wait on Nagle's algorithm. Every measurement gets a fresh receiver (empty spool, store
-and storage), the order of the targets rotates every round, and images/s and the ratios are
-medians over ``--rounds`` rounds measured in this one run.
+dcmtk servers, Orthanc and the ``storescu`` senders run with ``TCP_NODELAY=1``
+(:func:`rtauto.testing.nodelay_env`): a receiver that delays its ACKs otherwise waits on the
+sender's Nagle algorithm (storescp does, about 20 ms an image here; rtauto acknowledges before
+it waits, so it does not), which would flatter rtauto. As context each round also measures
+rtauto and storescp with a sender that keeps Nagle on. Every measurement gets a fresh receiver
+(empty spool, store and storage), the order of the targets rotates every round, and images/s
+and the ratios are medians over ``--rounds`` rounds measured in this one run.
 
-    .venv/bin/python bench/ingest.py [--slices 300] [--rounds 3] [--quick]
+    .venv/bin/python bench/ingest.py [--slices 300] [--rounds 5] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -95,8 +99,12 @@ def orthanc_target(work: Path) -> Iterator[Receiver]:
         yield orthanc.dicom_port, orthanc.aet, lambda: len(orthanc.instances())
 
 
-def push(port: int, called_ae: str, files: Sequence[Path], associations: int) -> float:
-    """Seconds for ``associations`` concurrent storescu processes to send ``files``."""
+def push(
+    port: int, called_ae: str, files: Sequence[Path], associations: int, nodelay: bool = True
+) -> float:
+    """Seconds for ``associations`` concurrent storescu processes to send ``files``
+    (``nodelay``: storescu with TCP_NODELAY=1, so no receiver waits on Nagle's algorithm)."""
+    env = nodelay_env() if nodelay else {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
     groups = [list(files[i::associations]) for i in range(associations)]
     start = time.perf_counter()
     senders = [
@@ -104,7 +112,7 @@ def push(port: int, called_ae: str, files: Sequence[Path], associations: int) ->
             ["storescu", "-aec", called_ae, "-aet", "BENCH", "127.0.0.1", str(port), *group],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env=nodelay_env(),
+            env=env,
         )
         for group in groups
     ]
@@ -120,17 +128,26 @@ def push(port: int, called_ae: str, files: Sequence[Path], associations: int) ->
 
 
 def measure(
-    name: str, target: Target, files: Sequence[Path], associations: int, results: dict
+    name: str,
+    target: Target,
+    files: Sequence[Path],
+    associations: int,
+    results: dict,
+    nodelay: bool = True,
 ) -> None:
     with tempfile.TemporaryDirectory(dir=CACHE, prefix="run-") as tmp:
         with target(Path(tmp), associations) as (port, called_ae, held):
-            seconds = push(port, called_ae, files, associations)
+            seconds = push(port, called_ae, files, associations, nodelay)
             stored = held()
         if stored < len(files):
             raise RuntimeError(f"{name} holds {stored} of {len(files)} instances after the push")
     rate = len(files) / seconds
-    results.setdefault((name, associations), []).append(rate)
-    print(f"  {name:<22} {associations} assoc  {rate:8.1f} images/s  ({seconds:.2f} s)", flush=True)
+    results.setdefault((name, associations if nodelay else "nagle"), []).append(rate)
+    sender = "" if nodelay else ", sender without TCP_NODELAY"
+    print(
+        f"  {name:<22} {associations} assoc  {rate:8.1f} images/s  ({seconds:.2f} s{sender})",
+        flush=True,
+    )
 
 
 def measure_job_start_latency(series_count: int = 5, quiet: float = 1.0) -> float:
@@ -193,7 +210,7 @@ def measure_job_start_latency(series_count: int = 5, quiet: float = 1.0) -> floa
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="40 slices, one round (smoke run)")
     parser.add_argument(
         "--processes",
@@ -237,8 +254,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for associations in (1, CONCURRENCY):
             for name, target in order:
                 measure(name, target, files, associations, results)
+        # context, not a target: a sender that keeps Nagle's algorithm on, as many do
+        for name, target in order:
+            if name != "orthanc":
+                measure(name, target, files, 1, results, nodelay=False)
 
-    def median(name: str, associations: int) -> float:
+    def median(name: str, associations: int | str) -> float:
         return statistics.median(results[(name, associations)])
 
     print("\nmedian images/s")
@@ -269,6 +290,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  rtauto / {label:<15} {associations} assoc: {value:5.2f}x  "
             f"[>= {goal}x] {verdict}   rounds: {', '.join(f'{r:.2f}' for r in ratios)}"
         )
+    nagle = [
+        ours / theirs
+        for ours, theirs in zip(
+            results[("rtauto", "nagle")], results[("storescp", "nagle")], strict=True
+        )
+    ]
+    print(
+        f"  context, sender without TCP_NODELAY, 1 assoc: rtauto "
+        f"{median('rtauto', 'nagle'):.1f} images/s, storescp {median('storescp', 'nagle'):.1f}"
+        f" ({statistics.median(nagle):.2f}x; storescp waits on delayed ACKs, rtauto does not)"
+    )
     try:
         latency = measure_job_start_latency()
         print(f"median job start latency beyond the quiet period: {latency:.2f} s")

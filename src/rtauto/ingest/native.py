@@ -335,16 +335,21 @@ class _Association:
 
     # -- socket --------------------------------------------------------------------------------
     def _read_into(self, view: memoryview) -> None:
+        conn = self.conn
         while view:
             try:
-                got = self.conn.recv_into(view)
-            except BlockingIOError:  # SO_RCVTIMEO expired
-                raise TimeoutError("network timeout") from None
+                got = conn.recv_into(view, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                # everything that arrived is read: acknowledge it now, before waiting (a sender
+                # without TCP_NODELAY holds its last partial segment until our ACK, which
+                # Linux would otherwise delay up to 40 ms), then wait for more
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+                try:
+                    got = conn.recv_into(view)
+                except BlockingIOError:  # SO_RCVTIMEO expired
+                    raise TimeoutError("network timeout") from None
             if not got:
                 raise _PeerAborted("connection closed by the peer")
-            # acknowledge at once: a sender without TCP_NODELAY holds its last partial
-            # segment until our ACK, which Linux would delay up to 40 ms
-            self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             view = view[got:]
 
     def _read(self, size: int) -> bytes:
