@@ -24,7 +24,7 @@ from rtauto.config import Settings
 from rtauto.ingest.header import read_file_meta
 from rtauto.ingest.scp import StorageSCP
 from rtauto.store import Store
-from rtauto.testing import SyntheticSeries, echoscu, storescu
+from rtauto.testing import SyntheticSeries, echoscu, storescu, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -179,7 +179,7 @@ def test_small_pdus_from_dcmtk(start_scp, settings: Settings, store: Store, tmp_
     settings.scp.max_pdu = 4096  # a 32 KiB image travels in 9 PDUs
     port = start_scp()
     storescu(port, series.files)
-    assert store.counts()["instances"] == 3
+    wait_until(lambda: store.counts()["instances"] == 3, timeout=30)  # indexed just after
     for sent, sop in zip(series.files, series.sop_instance_uids, strict=True):
         [stored] = settings.spool_dir.glob(f"*/*/{sop}.dcm")
         assert dataset_bytes(stored) == dataset_bytes(sent)
@@ -215,7 +215,7 @@ def test_fragmented_command_and_data_set_in_many_pdvs(
         assoc.release()
     [stored] = spool_files(settings)
     assert dataset_bytes(stored) == dataset_bytes(ct_series.files[0])
-    assert store.counts()["instances"] == 1
+    wait_until(lambda: store.counts()["instances"] == 1, timeout=30)  # indexed just after
 
 
 def test_abort_from_the_peer_mid_data_set_stores_nothing(
@@ -235,7 +235,7 @@ def test_abort_from_the_peer_mid_data_set_stores_nothing(
     [stored] = spool_files(settings)
     assert stored.name == f"{ct_series.sop_instance_uids[1]}.dcm"
     assert dataset_bytes(stored) == dataset_bytes(ct_series.files[1])
-    assert store.counts()["instances"] == 1
+    wait_until(lambda: store.counts()["instances"] == 1, timeout=30)  # indexed just after
     assert not list(settings.incoming_dir.iterdir())
     assert not list(settings.quarantine_dir.iterdir())
 
