@@ -24,7 +24,7 @@ from rtauto.ingest.spool import (
     Spool,
 )
 from rtauto.store import Store
-from rtauto.testing import SyntheticSeries
+from rtauto.testing import SyntheticSeries, wait_until
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -294,3 +294,24 @@ def test_known_series_skip_the_attribute_conversion(settings: Settings, ct_serie
     assert first.attributes["SeriesDescription"] == "Planning CT"
     spool.known_series.add(ct_series.series_instance_uid)  # its store row exists
     assert spool.ingest_file(ct_series.files[1]).attributes == {}
+
+
+def test_files_prepared_ahead_are_used_and_released(settings: Settings, ct_series: SyntheticSeries):
+    """The storage SCP's spool creates its unnamed files ahead of need; what it writes through
+    them is the same, and closing the spool leaves nothing behind."""
+    spool = Spool(settings)
+    spool.prepare_files(2)
+    try:
+        assert spool._prepared is not None
+        wait_until(lambda: len(spool._prepared._fds) == 2, timeout=10)
+        records = [spool.ingest_file(path) for path in ct_series.files]
+        for record, path in zip(records, ct_series.files, strict=True):
+            assert (settings.spool_dir / record.path).read_bytes() == path.read_bytes()
+            assert (settings.spool_dir / record.path).stat().st_mode & 0o777 == 0o644
+    finally:
+        spool.close()
+    assert spool._prepared is None
+    assert [p.name for p in settings.spool_dir.iterdir() if p.name != ".incoming"] == [
+        ct_series.study_instance_uid
+    ]
+    assert not list(settings.incoming_dir.iterdir())

@@ -198,6 +198,7 @@ class _Receiver:
         self.settings = settings
         self.store_url = store_url
         self.spool = Spool(settings)
+        self.spool.prepare_files(4)
         self.store: Store | None = None
         self.server: Any = None
         self._index_lock_fd: int | None = None
@@ -294,6 +295,7 @@ class _Receiver:
         if self.indexer is not None:
             self.indexer.close()
             self.indexer = None
+        self.spool.close()
         if self.store is not None:
             self.store.close()
             self.store = None

@@ -27,6 +27,7 @@ import errno
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -128,6 +129,20 @@ class Spool:
         self.known_series = _BoundedSet(10_000)
         # unnamed temporary files (Linux O_TMPFILE) are linked into place through /proc
         self._tmpfile_supported = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+        self._prepared: _PreparedFiles | None = None
+
+    def prepare_files(self, count: int) -> None:
+        """Keep ``count`` unnamed files open ahead of need, created by a background thread in
+        the spool folder (creating a file costs about as much as writing half a megabyte;
+        this takes it off a receiver's path). :meth:`close` releases them; unused ones vanish
+        with the process, whatever way it ends."""
+        if self._prepared is None and self._tmpfile_supported and count > 0:
+            self._prepared = _PreparedFiles(self.spool_dir, count)
+
+    def close(self) -> None:
+        if self._prepared is not None:
+            self._prepared.close()
+            self._prepared = None
 
     # -- public --------------------------------------------------------------------------------
     def ingest_encoded(
@@ -353,7 +368,9 @@ class Spool:
         self._make_dirs(dest.parent)
         if self._tmpfile_supported:
             try:
-                fd = os.open(dest.parent, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+                fd = self._prepared.take() if self._prepared is not None else -1
+                if fd < 0:
+                    fd = os.open(dest.parent, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                     raise
@@ -475,6 +492,54 @@ class Spool:
             attributes=header_attributes(layout),
             received_at=file.stat().st_mtime,
         )
+
+
+class _PreparedFiles:
+    """Unnamed files (``O_TMPFILE``) in one folder, created ahead of need by a thread."""
+
+    def __init__(self, folder: Path, count: int):
+        self._folder = folder
+        self._count = count
+        self._fds: list[int] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._fill, name="rtauto-spool-files", daemon=True)
+        self._thread.start()
+
+    def take(self) -> int:
+        """An open unnamed file, or -1 when none is ready."""
+        with self._cond:
+            fd = self._fds.pop() if self._fds else -1
+            self._cond.notify()
+        return fd
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+        with self._cond:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds.clear()
+
+    def _fill(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and len(self._fds) >= self._count:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            try:
+                fd = os.open(self._folder, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                log.warning("cannot prepare spool files ahead (%s); creating them as needed", exc)
+                return
+            with self._cond:
+                if self._closed:
+                    os.close(fd)
+                    return
+                self._fds.append(fd)
 
 
 class _BoundedSet:
