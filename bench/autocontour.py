@@ -130,6 +130,15 @@ def _write_ct(folder: Path) -> list[Path]:
     return series.files
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM belongs to the process image and starts
+    afresh at exec; ru_maxrss would report the parent's peak when that one was larger."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _child(backend_ref: str, ct: Path, out: Path) -> None:
     """One whole step in this (fresh) process; prints its peak RSS and wall time as JSON."""
     from rtauto_autocontour.steps import SegmentParams, run_segment
@@ -138,7 +147,7 @@ def _child(backend_ref: str, ct: Path, out: Path) -> None:
     start = time.perf_counter()
     run_segment(_context(files, out, "child"), SegmentParams(model=backend_ref, device="cpu"))
     wall = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = _peak_rss_mb()
     print(json.dumps({"model": backend_ref, "wall_s": wall, "peak_rss_mb": peak_mb}))
 
 
