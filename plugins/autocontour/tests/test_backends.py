@@ -72,8 +72,6 @@ def test_cuda_asked_for_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
 def test_label_maps_on_the_image_grid_agree_between_the_two_resamplers(codes: str) -> None:
     """The separable resampler (network axes along image axes, any permutation and flips)
     gives the label map of the general trilinear one, boundary points included."""
-    import itertools
-
     import torch
     from rtauto_autocontour import inference
 
@@ -103,14 +101,8 @@ def test_label_maps_on_the_image_grid_agree_between_the_two_resamplers(codes: st
     separable = inference.to_image_grid(logits, network_affine, volume)
 
     probabilities = torch.softmax(logits, dim=1)[0].numpy()
-    winner = probabilities.argmax(axis=0).astype(np.int8)
-    padded = np.pad(winner, [(0, 1)] * 3, mode="edge")
-    cell = padded[:-1, :-1, :-1].copy()
-    for di, dj, dk in itertools.product((0, 1), repeat=3):
-        cell[padded[di : di + 13, dj : dj + 11, dk : dk + 9] != cell] = -1
+    cell = inference._cell_labels(probabilities)
     mapping = np.linalg.inv(network_affine) @ affine
-    general = inference._to_image_grid_general(
-        probabilities, cell, mapping, np.asarray(shape, float) - 1, volume
-    )
+    general = inference._to_image_grid_general(probabilities, cell, mapping, volume)
     assert (separable == general).all()
     assert len(np.unique(separable)) == 4  # boundaries between every label were exercised

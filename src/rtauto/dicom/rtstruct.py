@@ -186,10 +186,7 @@ def _contour_data_element(points: np.ndarray) -> RawDataElement:
     Built raw because pydicom would validate every value of every contour one by one;
     Implicit VR keeps the 32-bit value length a long contour may need.
     """
-    text = "\\".join(f"{v:.3f}" for v in np.round(points, 3).ravel()).encode("ascii")
-    if len(text) % 2:
-        text += b" "
-    return RawDataElement(_CONTOUR_DATA, "DS", len(text), text, 0, True, True)
+    return _raw(_CONTOUR_DATA, "DS", "\\".join(f"{v:.3f}" for v in np.round(points, 3).ravel()))
 
 
 def _raw(tag: int, vr: str, text: str, pad: bytes = b" ") -> RawDataElement:

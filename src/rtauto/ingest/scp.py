@@ -503,13 +503,6 @@ class StorageSCP:
         except Exception:
             log.exception("could not index the spool after a receiving process exited")
 
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until the rows of instances acknowledged so far are committed (one receiving
-        process; with several, each commits within milliseconds on its own)."""
-        if self._receiver is not None and self._receiver.indexer is not None:
-            return self._receiver.indexer.flush(timeout)
-        return True
-
     def _supervise(self, started: threading.Event, failure: list[BaseException]) -> None:
         try:
             for _ in range(self.settings.scp.processes):

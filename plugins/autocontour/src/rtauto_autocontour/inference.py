@@ -174,16 +174,8 @@ def to_image_grid(logits: torch.Tensor, network_affine: np.ndarray, volume: Volu
     and only points near a boundary are interpolated.
     """
     probabilities = torch.softmax(logits.float(), dim=1)[0].numpy()  # (C, i', j', k'), small
-    winner = probabilities.argmax(axis=0).astype(np.int8)
-    size = np.asarray(winner.shape)
-    # label of each cell (i'..i'+1, j'..j'+1, k'..k'+1) when its 8 corners agree, else -1
-    padded = np.pad(winner, [(0, 1)] * 3, mode="edge")
-    cell = padded[:-1, :-1, :-1].copy()
-    for di, dj, dk in itertools.product((0, 1), repeat=3):
-        corner = padded[di : di + size[0], dj : dj + size[1], dk : dk + size[2]]
-        cell[corner != cell] = -1
+    cell = _cell_labels(probabilities)
     mapping = np.linalg.inv(network_affine) @ volume.affine  # image (i, j, k) -> (i', j', k')
-    upper = np.maximum(size - 1, 0).astype(float)
     linear = mapping[:3, :3]
     src = np.abs(linear).argmax(axis=1)  # image axis each network axis follows
     axis_aligned = bool(
@@ -192,7 +184,20 @@ def to_image_grid(logits: torch.Tensor, network_affine: np.ndarray, volume: Volu
     )
     if axis_aligned:
         return _to_image_grid_separable(probabilities, cell, mapping, src, volume)
-    return _to_image_grid_general(probabilities, cell, mapping, upper, volume)
+    return _to_image_grid_general(probabilities, cell, mapping, volume)
+
+
+def _cell_labels(probabilities: np.ndarray) -> np.ndarray:
+    """The label of each network cell (i'..i'+1, j'..j'+1, k'..k'+1) when its 8 corners
+    agree on the argmax, else -1."""
+    winner = probabilities.argmax(axis=0).astype(np.int8)
+    size = winner.shape
+    padded = np.pad(winner, [(0, 1)] * 3, mode="edge")
+    cell = padded[:-1, :-1, :-1].copy()
+    for di, dj, dk in itertools.product((0, 1), repeat=3):
+        corner = padded[di : di + size[0], dj : dj + size[1], dk : dk + size[2]]
+        cell[corner != cell] = -1
+    return cell
 
 
 def _axis_samples(
@@ -252,11 +257,11 @@ def _to_image_grid_general(
     probabilities: np.ndarray,
     cell: np.ndarray,
     mapping: np.ndarray,
-    upper: np.ndarray,
     volume: Volume,
 ) -> np.ndarray:
     """:func:`to_image_grid` for an image grid oblique to the network's, slab by slab."""
     size = np.asarray(cell.shape)
+    upper = np.maximum(size - 1, 0).astype(float)
     depth, rows, cols = volume.shape
     jj, ii = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
     labels = np.empty(volume.shape, dtype=np.int8)
