@@ -6,6 +6,7 @@ release, aborts, timeouts, fragmented commands and data sets spread over many PD
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -238,6 +239,18 @@ def test_abort_from_the_peer_mid_data_set_stores_nothing(
     wait_until(lambda: store.counts()["instances"] == 1, timeout=30)  # indexed just after
     assert not list(settings.incoming_dir.iterdir())
     assert not list(settings.quarantine_dir.iterdir())
+    # the unnamed file the aborted data set was being written into is released: only the
+    # receiver's files prepared ahead stay open (the SCP runs in this process)
+    wait_until(lambda: len(_open_unnamed_files(settings)) == 4, timeout=10)
+
+
+def _open_unnamed_files(settings: Settings) -> list[str]:
+    """This process's open unnamed files in the spool folder."""
+    targets = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            targets.append(os.readlink(fd))
+    return [t for t in targets if t.startswith(f"{settings.spool_dir}/#")]
 
 
 def test_abort_from_the_peer_after_association(start_scp, settings: Settings):

@@ -102,6 +102,110 @@ def test_encoded_dataset_gets_a_file_meta_header_naming_rtauto(
     assert (record.calling_ae, record.called_ae, record.source) == ("CT_SCANNER", "RTAUTO", "scp")
 
 
+def _stream(spool: Spool, sent: bytes, sop_instance_uid: str, piece: int = 1000):
+    """What the storage SCP does: an unnamed file fed the data set as it arrives."""
+    streamed = spool.begin_encoded(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uid=sop_instance_uid,
+        transfer_syntax=EXPLICIT_LE,
+        calling_ae="CT_SCANNER",
+    )
+    assert streamed is not None
+    for start in range(0, len(sent), piece):
+        streamed.feed(memoryview(sent)[start : start + piece])
+    return streamed
+
+
+def _ingest_streamed(spool: Spool, sent: bytes, sop_instance_uid: str, streamed):
+    return spool.ingest_encoded(
+        sent,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uid=sop_instance_uid,
+        transfer_syntax=EXPLICIT_LE,
+        source="scp",
+        calling_ae="CT_SCANNER",
+        called_ae="RTAUTO",
+        streamed=streamed,
+    )
+
+
+def test_data_set_written_as_it_arrives_is_flushed_and_named(
+    settings: Settings, ct_series: SyntheticSeries
+):
+    """The file fed during the transfer becomes the spool file (not written a second time),
+    byte for byte what the ordinary path writes."""
+    spool = Spool(settings)
+    sent = dataset_bytes(ct_series.files[1])
+    streamed = _stream(spool, sent, ct_series.sop_instance_uids[1], piece=777)
+    inode = os.fstat(streamed.fd).st_ino
+    record = _ingest_streamed(spool, sent, ct_series.sop_instance_uids[1], streamed)
+    stored = settings.spool_dir / record.path
+    assert stored.stat().st_ino == inode
+    assert not streamed.usable  # released
+    assert dataset_bytes(stored) == sent
+    reference = Settings(home=settings.home.parent / "reference")
+    plain = Spool(reference).ingest_encoded(
+        sent,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uid=ct_series.sop_instance_uids[1],
+        transfer_syntax=EXPLICIT_LE,
+        source="scp",
+        calling_ae="CT_SCANNER",
+        called_ae="RTAUTO",
+    )
+    assert stored.read_bytes() == (reference.spool_dir / plain.path).read_bytes()
+    assert stored.stat().st_mode & 0o777 == 0o644
+
+
+def test_data_set_written_as_it_arrives_falls_back_when_incomplete(
+    settings: Settings, ct_series: SyntheticSeries
+):
+    """A streamed file that does not hold the whole data set (a failed write) is dropped and
+    the data set written the ordinary way."""
+    spool = Spool(settings)
+    sent = dataset_bytes(ct_series.files[2])
+    streamed = _stream(spool, sent[:-100], ct_series.sop_instance_uids[2])
+    inode = os.fstat(streamed.fd).st_ino
+    record = _ingest_streamed(spool, sent, ct_series.sop_instance_uids[2], streamed)
+    stored = settings.spool_dir / record.path
+    assert stored.stat().st_ino != inode
+    assert dataset_bytes(stored) == sent
+    assert not streamed.usable
+
+
+def test_data_set_written_as_it_arrives_is_not_named_when_refused(
+    settings: Settings, ct_series: SyntheticSeries
+):
+    """An invalid data set fed to an unnamed file never gets a name in the spool, and a
+    re-sent instance fed the same way is recognised as already stored."""
+    spool = Spool(settings)
+    sent = dataset_bytes(ct_series.files[3])
+    truncated = sent[: len(sent) // 2]
+    streamed = _stream(spool, truncated, ct_series.sop_instance_uids[3])
+    with pytest.raises(RefusedInstance) as refused:
+        _ingest_streamed(spool, truncated, ct_series.sop_instance_uids[3], streamed)
+    assert refused.value.status == STATUS_CANNOT_UNDERSTAND
+    assert not streamed.usable
+    assert spool_files(settings) == []
+    assert len(reasons(settings)) == 1
+    first = _ingest_streamed(
+        spool,
+        sent,
+        ct_series.sop_instance_uids[3],
+        _stream(spool, sent, ct_series.sop_instance_uids[3]),
+    )
+    inode = (settings.spool_dir / first.path).stat().st_ino
+    again = _ingest_streamed(
+        spool,
+        sent,
+        ct_series.sop_instance_uids[3],
+        _stream(spool, sent, ct_series.sop_instance_uids[3]),
+    )
+    assert again.path == first.path
+    assert (settings.spool_dir / first.path).stat().st_ino == inode
+    assert len(spool_files(settings)) == 1
+
+
 def test_resend_of_identical_instance_is_idempotent(settings: Settings, ct_series: SyntheticSeries):
     spool = Spool(settings)
     first = spool.ingest_file(ct_series.files[2])

@@ -4,8 +4,11 @@ It does what rtauto's storage SCP needs and nothing else: it accepts association
 the called and calling AE titles), negotiates presentation contexts against the supported
 abstract/transfer syntaxes, answers C-ECHO, and hands every C-STORE data set to a handler as
 one contiguous buffer that the PDV fragments were read into straight from the socket (no
-per-fragment copies, no decoding). The C-STORE response is sent only after the handler
-returns, so a success status means what the handler guarantees (rtauto: durable on disk).
+per-fragment copies, no decoding). A server may also be given ``on_store_begin``: it is called
+once a C-STORE request's command set is complete and may return a :class:`DatasetSink` that is
+fed the data set's bytes as they arrive (rtauto writes them to disk meanwhile), and which the
+handler then receives. The C-STORE response is sent only after the handler returns, so a
+success status means what the handler guarantees (rtauto: durable on disk).
 
 Each association runs in its own thread with a blocking socket; ``network_timeout`` bounds
 every wait for the peer (the ARTIM timer before the A-ASSOCIATE-RQ, idle time afterwards) and
@@ -22,10 +25,18 @@ import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from rtauto.ingest.header import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
-__all__ = ["NativeStorageServer", "StoreHandler", "StoreRequest", "VERIFICATION"]
+__all__ = [
+    "VERIFICATION",
+    "DatasetSink",
+    "NativeStorageServer",
+    "SinkFactory",
+    "StoreHandler",
+    "StoreRequest",
+]
 
 log = logging.getLogger("rtauto.ingest.native")
 
@@ -63,6 +74,7 @@ _STATUS_SUCCESS = 0x0000
 
 _GROWTH_STEP = 16 << 20  # bytes read into the data set buffer before it grows again
 _MAX_COMMAND = 64 << 10  # a command set is a few hundred bytes
+_FEED_STEP = 256 << 10  # at most this many bytes are read before a sink is fed them
 
 
 class _ProtocolError(Exception):
@@ -88,9 +100,24 @@ class StoreRequest:
     move_originator_message_id: int | None
 
 
-# handler(data set bytes, request) -> (status, error comment); the buffer is only valid
-# during the call
-StoreHandler = Callable[[memoryview, StoreRequest], tuple[int, str]]
+class DatasetSink(Protocol):
+    """Receives a C-STORE data set's bytes in order while they arrive.
+
+    ``feed`` must not raise (a sink that fails drops what it holds and ignores the rest);
+    ``close`` may be called more than once. The server closes a sink whose data set never
+    completed; a completed one is handed to the store handler, which closes it.
+    """
+
+    def feed(self, chunk: memoryview) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# on_store_begin(request) -> a sink for its data set, or None
+SinkFactory = Callable[[StoreRequest], DatasetSink | None]
+# handler(data set bytes, request, sink or None) -> (status, error comment); the buffer is only
+# valid during the call
+StoreHandler = Callable[[memoryview, StoreRequest, DatasetSink | None], tuple[int, str]]
 
 
 # -- encoding helpers ------------------------------------------------------------------------
@@ -217,7 +244,8 @@ class NativeStorageServer:
 
     ``contexts`` maps each supported abstract syntax to the transfer syntaxes accepted for it
     (Verification included when C-ECHO is wanted). ``allowed_calling_ae_titles`` empty: any.
-    ``max_pdu`` is the maximum PDU length advertised (0: unlimited).
+    ``max_pdu`` is the maximum PDU length advertised (0: unlimited). ``on_store_begin``: see
+    the module docstring.
     """
 
     def __init__(
@@ -228,6 +256,7 @@ class NativeStorageServer:
         port: int,
         contexts: Mapping[str, Sequence[str]],
         on_store: StoreHandler,
+        on_store_begin: SinkFactory | None = None,
         allowed_calling_ae_titles: Sequence[str] = (),
         max_pdu: int = 0,
         network_timeout: float = 60.0,
@@ -239,6 +268,7 @@ class NativeStorageServer:
         self.port = port
         self.contexts = {abstract: frozenset(ts) for abstract, ts in contexts.items()}
         self.on_store = on_store
+        self.on_store_begin = on_store_begin
         self.allowed_calling = frozenset(ae.strip() for ae in allowed_calling_ae_titles)
         self.max_pdu = max_pdu
         self.network_timeout = network_timeout
@@ -332,6 +362,7 @@ class _Association:
         self.accepted: dict[int, tuple[str, str]] = {}  # context ID -> (abstract, transfer)
         self.header = bytearray(6)
         self.dataset = bytearray(0)  # reused for every data set of the association
+        self.sink: DatasetSink | None = None  # fed the data set being received
 
     # -- socket --------------------------------------------------------------------------------
     def _read_into(self, view: memoryview) -> None:
@@ -456,10 +487,25 @@ class _Association:
 
     # -- data transfer -------------------------------------------------------------------------
     def _serve_messages(self) -> None:
+        try:
+            self._receive_messages()
+        finally:
+            self._drop_sink()
+
+    def _drop_sink(self) -> None:
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            try:
+                sink.close()
+            except Exception:
+                log.exception("closing a data set sink failed")
+
+    def _receive_messages(self) -> None:
         command = bytearray()
         command_done = False
         context_id = -1
         dataset_used = 0
+        request: StoreRequest | None = None
         while True:
             pdu_type, length = self._read_pdu_header()
             if pdu_type == _RELEASE_RQ:
@@ -496,26 +542,35 @@ class _Association:
                     command_done = True
                     elements = _parse_command(bytes(command))
                     if _us(elements, 0x00000800, _NO_DATASET) != _NO_DATASET:
-                        continue  # a data set follows
-                    self._dispatch(context_id, elements, None)
+                        # a data set follows
+                        request = self._begin_store(context_id, elements)
+                        continue
+                    self._dispatch(context_id, elements)
                 else:
                     if not command_done:
                         raise _ProtocolError("data set fragment before the command")
                     dataset_used = self._append_dataset(dataset_used, fragment)
                     if not control & 0x02:
                         continue
+                    if request is None:
+                        raise _ProtocolError(
+                            "unsupported DIMSE command 0x"
+                            f"{_us(_parse_command(bytes(command)), 0x00000100, 0) or 0:04X}"
+                        )
                     view = memoryview(self.dataset)[:dataset_used]
                     try:
-                        self._dispatch(context_id, _parse_command(bytes(command)), view)
+                        self._store(context_id, request, view)
                     finally:
                         view.release()
                 command = bytearray()
                 command_done = False
                 context_id = -1
                 dataset_used = 0
+                request = None
 
     def _append_dataset(self, used: int, size: int) -> int:
-        """Read ``size`` bytes from the socket onto the end of the data set buffer."""
+        """Read ``size`` bytes from the socket onto the end of the data set buffer (and feed
+        them to the sink as they arrive)."""
         end = used + size
         while used < end:
             # memory grows with the bytes that arrive, not with the length a peer claims
@@ -526,51 +581,68 @@ class _Association:
                 grown[:used] = memoryview(self.dataset)[:used]
                 self.dataset = grown
             with memoryview(self.dataset) as view:
-                self._read_into(view[used:step])
+                if self.sink is None:
+                    self._read_into(view[used:step])
+                else:
+                    for start in range(used, step, _FEED_STEP):
+                        piece = view[start : min(step, start + _FEED_STEP)]
+                        self._read_into(piece)
+                        self.sink.feed(piece)
             used = step
         return end
 
-    def _dispatch(
-        self, context_id: int, elements: dict[int, bytes], dataset: memoryview | None
-    ) -> None:
-        field = _us(elements, 0x00000100)
-        message_id = _us(elements, 0x00000110, 0) or 0
+    def _begin_store(self, context_id: int, elements: dict[int, bytes]) -> StoreRequest | None:
+        """The C-STORE request whose data set follows (None for any other command), with a
+        sink for its data set when the server has a sink factory."""
+        if _us(elements, 0x00000100) != _C_STORE_RQ:
+            return None
         abstract, transfer = self.accepted[context_id]
-        if field == _C_ECHO_RQ:
-            response = _command_set(
-                [
-                    (0x00000002, _uid_bytes(_text(elements, 0x00000002) or VERIFICATION)),
-                    (0x00000100, struct.pack("<H", _C_ECHO_RSP)),
-                    (0x00000120, struct.pack("<H", message_id)),
-                    (0x00000800, struct.pack("<H", _NO_DATASET)),
-                    (0x00000900, struct.pack("<H", _STATUS_SUCCESS)),
-                ]
-            )
-            self._send_command(context_id, response)
-            return
-        if field != _C_STORE_RQ or dataset is None:
-            raise _ProtocolError(f"unsupported DIMSE command 0x{field or 0:04X}")
-        sop_class = _text(elements, 0x00000002)
-        sop_instance = _text(elements, 0x00001000)
         request = StoreRequest(
-            sop_class_uid=sop_class or abstract,
-            sop_instance_uid=sop_instance,
+            sop_class_uid=_text(elements, 0x00000002) or abstract,
+            sop_instance_uid=_text(elements, 0x00001000),
             transfer_syntax=transfer,
             calling_ae=self.calling_ae,
             called_ae=self.called_ae,
-            message_id=message_id,
+            message_id=_us(elements, 0x00000110, 0) or 0,
             priority=_us(elements, 0x00000700, 0) or 0,
             move_originator_ae=_text(elements, 0x00001030),
             move_originator_message_id=_us(elements, 0x00001031),
         )
-        status, comment = self.server.on_store(dataset, request)
+        self._drop_sink()
+        if self.server.on_store_begin is not None:
+            try:
+                self.sink = self.server.on_store_begin(request)
+            except Exception:
+                log.exception("preparing for the data set of %s failed", request.sop_instance_uid)
+        return request
+
+    def _dispatch(self, context_id: int, elements: dict[int, bytes]) -> None:
+        """A command without a data set: C-ECHO (anything else aborts the association)."""
+        field = _us(elements, 0x00000100)
+        if field != _C_ECHO_RQ:
+            raise _ProtocolError(f"unsupported DIMSE command 0x{field or 0:04X}")
+        response = _command_set(
+            [
+                (0x00000002, _uid_bytes(_text(elements, 0x00000002) or VERIFICATION)),
+                (0x00000100, struct.pack("<H", _C_ECHO_RSP)),
+                (0x00000120, struct.pack("<H", _us(elements, 0x00000110, 0) or 0)),
+                (0x00000800, struct.pack("<H", _NO_DATASET)),
+                (0x00000900, struct.pack("<H", _STATUS_SUCCESS)),
+            ]
+        )
+        self._send_command(context_id, response)
+
+    def _store(self, context_id: int, request: StoreRequest, dataset: memoryview) -> None:
+        """Hand a complete C-STORE data set to the handler and send its response."""
+        sink, self.sink = self.sink, None  # the handler closes it
+        status, comment = self.server.on_store(dataset, request, sink)
         response_elements = [
             (0x00000002, _uid_bytes(request.sop_class_uid)),
             (0x00000100, struct.pack("<H", _C_STORE_RSP)),
-            (0x00000120, struct.pack("<H", message_id)),
+            (0x00000120, struct.pack("<H", request.message_id)),
             (0x00000800, struct.pack("<H", _NO_DATASET)),
             (0x00000900, struct.pack("<H", status)),
-            (0x00001000, _uid_bytes(sop_instance)),
+            (0x00001000, _uid_bytes(request.sop_instance_uid)),
         ]
         if status != _STATUS_SUCCESS and comment:
             text = comment[:64].encode("ascii", "replace")  # LO: at most 64 characters

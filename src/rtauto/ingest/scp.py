@@ -51,8 +51,8 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from rtauto.config import Settings
-from rtauto.ingest.native import StoreRequest
-from rtauto.ingest.spool import RefusedInstance, Spool
+from rtauto.ingest.native import DatasetSink, StoreRequest
+from rtauto.ingest.spool import RefusedInstance, Spool, StreamedFile
 from rtauto.store import InstanceRecord, Store
 
 __all__ = ["StorageSCP", "storage_contexts"]
@@ -230,6 +230,7 @@ class _Receiver:
             port=port,
             contexts=contexts,
             on_store=self._on_native_store,
+            on_store_begin=self._on_native_store_begin,
             allowed_calling_ae_titles=scp.allowed_calling_ae_titles,
             max_pdu=scp.max_pdu,
             network_timeout=scp.network_timeout,
@@ -343,6 +344,7 @@ class _Receiver:
         transfer_syntax: str,
         calling_ae: str,
         called_ae: str,
+        streamed: StreamedFile | None = None,
     ) -> tuple[int, str]:
         """Spool and index one received data set; the C-STORE status and Error Comment."""
         try:
@@ -354,6 +356,7 @@ class _Receiver:
                 source="scp",
                 calling_ae=calling_ae,
                 called_ae=called_ae,
+                streamed=streamed,
             )
             self._record(record)
         except RefusedInstance as refused:
@@ -363,7 +366,17 @@ class _Receiver:
             return STATUS_OUT_OF_RESOURCES, f"rtauto could not store it: {exc}"
         return STATUS_SUCCESS, ""
 
-    def _on_native_store(self, encoded: memoryview, request: StoreRequest) -> tuple[int, str]:
+    def _on_native_store_begin(self, request: StoreRequest) -> StreamedFile | None:
+        return self.spool.begin_encoded(
+            sop_class_uid=request.sop_class_uid,
+            sop_instance_uid=request.sop_instance_uid,
+            transfer_syntax=request.transfer_syntax,
+            calling_ae=request.calling_ae,
+        )
+
+    def _on_native_store(
+        self, encoded: memoryview, request: StoreRequest, sink: DatasetSink | None
+    ) -> tuple[int, str]:
         return self._store(
             encoded,
             request.sop_class_uid,
@@ -371,6 +384,7 @@ class _Receiver:
             request.transfer_syntax,
             request.calling_ae,
             request.called_ae,
+            sink if isinstance(sink, StreamedFile) else None,
         )
 
     def _on_store(self, event: Any) -> int | Dataset:

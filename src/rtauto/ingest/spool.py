@@ -9,7 +9,10 @@ An instance is accepted only when its header parses to the end of the data (noth
 and its SOP Class, SOP Instance, Study and Series Instance UIDs are present and valid UIDs; the
 path is built from those UIDs only. Writing is temp file, write, ``fdatasync``, hard link into
 place (which never replaces an existing file), ``fsync`` of the folder: when an ingest call
-returns, the instance survives a crash or power loss.
+returns, the instance survives a crash or power loss. The storage SCP writes a data set into its
+unnamed file while the data set arrives (:meth:`Spool.begin_encoded`) and starts the disk writes
+as it goes, so that after the last fragment only the tail is left to flush; the file is still
+named only after the whole instance is validated and flushed.
 
 Refused input is copied into ``settings.quarantine_dir`` as ``<uuid>.bin`` with ``<uuid>.json``
 (reason, source, calling/called AE, time, original name) and :class:`RefusedInstance` (an
@@ -23,6 +26,8 @@ content": received data is never altered, so the first version stays in the spoo
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import json
 import logging
@@ -58,6 +63,7 @@ __all__ = [
     "STATUS_DUPLICATE_CONFLICT",
     "RefusedInstance",
     "Spool",
+    "StreamedFile",
 ]
 
 log = logging.getLogger("rtauto.ingest")
@@ -98,6 +104,84 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_WRITEBACK_STEP = 128 << 10  # bytes written before their disk write is started
+
+
+def _load_sync_file_range() -> Any:
+    """libc's ``sync_file_range`` (Linux), or None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a file range to disk without waiting for it (a hint: durability still
+    comes from the ``fdatasync`` that follows)."""
+    global _sync_file_range
+    if _sync_file_range is not None and _sync_file_range(
+        fd, offset, length, _SYNC_FILE_RANGE_WRITE
+    ):
+        _sync_file_range = None  # not supported here: fdatasync does all of it
+
+
+class StreamedFile:
+    """An unnamed spool file that a C-STORE data set is written into while it arrives.
+
+    Made by :meth:`Spool.begin_encoded` with the file meta header already written; the network
+    layer :meth:`feed` s the data set's bytes in order, and :meth:`Spool.ingest_encoded` then
+    validates the whole data set and, when everything fed matches it, flushes and names this
+    file instead of writing the data again. Writing errors are not raised: the file is
+    dropped and the instance written the ordinary way. :meth:`close` releases the file (an
+    unnamed file that was never linked vanishes).
+    """
+
+    def __init__(self, fd: int, meta: bytes):
+        self.fd = fd
+        self.meta = meta
+        self.size = 0
+        self._unflushed_from = 0
+        try:
+            _write_all(fd, [meta])
+            self.size = len(meta)
+        except OSError:
+            self.close()
+
+    @property
+    def usable(self) -> bool:
+        return self.fd >= 0
+
+    def feed(self, chunk: memoryview) -> None:
+        if self.fd < 0:
+            return
+        try:
+            _write_all(self.fd, [chunk])
+            self.size += len(chunk)
+            if self.size - self._unflushed_from >= _WRITEBACK_STEP:
+                _start_writeback(self.fd, self._unflushed_from, self.size - self._unflushed_from)
+                self._unflushed_from = self.size
+        except OSError as exc:
+            log.warning("writing a data set as it arrives failed (%s); it is written whole", exc)
+            self.close()
+
+    def matches(self, meta: bytes, dataset_size: int) -> bool:
+        """Whether this file holds exactly ``meta`` followed by a data set of that size."""
+        return self.fd >= 0 and self.meta == meta and self.size == len(meta) + dataset_size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
@@ -145,6 +229,32 @@ class Spool:
             self._prepared = None
 
     # -- public --------------------------------------------------------------------------------
+    def begin_encoded(
+        self,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        calling_ae: str = "",
+    ) -> StreamedFile | None:
+        """An unnamed spool file for a C-STORE data set about to arrive (see
+        :class:`StreamedFile`), to pass to :meth:`ingest_encoded`; None where the file system
+        has no unnamed files (the data set is then written after it arrived)."""
+        if not self._tmpfile_supported:
+            return None
+        try:
+            meta = build_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
+        except HeaderError:
+            return None
+        fd = self._prepared.take() if self._prepared is not None else -1
+        if fd < 0:
+            try:
+                fd = os.open(self.spool_dir, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+            except OSError:
+                return None
+        streamed = StreamedFile(fd, meta)
+        return streamed if streamed.usable else None
+
     def ingest_encoded(
         self,
         encoded: bytes | memoryview,
@@ -155,13 +265,41 @@ class Spool:
         source: str,
         calling_ae: str = "",
         called_ae: str = "",
+        streamed: StreamedFile | None = None,
     ) -> InstanceRecord:
         """Store a data set received over the network (no file meta) behind a file meta header
         naming rtauto and the calling AE. ``sop_class_uid``/``sop_instance_uid`` are those of
-        the C-STORE request; the data set must carry the same ones.
+        the C-STORE request; the data set must carry the same ones. ``streamed``: the file from
+        :meth:`begin_encoded` that the data set was fed into as it arrived (closed here).
 
         Raises :class:`RefusedInstance` after quarantining what was refused.
         """
+        try:
+            return self._ingest_encoded(
+                encoded,
+                sop_class_uid,
+                sop_instance_uid,
+                transfer_syntax,
+                source,
+                calling_ae,
+                called_ae,
+                streamed,
+            )
+        finally:
+            if streamed is not None:
+                streamed.close()
+
+    def _ingest_encoded(
+        self,
+        encoded: bytes | memoryview,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        source: str,
+        calling_ae: str,
+        called_ae: str,
+        streamed: StreamedFile | None,
+    ) -> InstanceRecord:
         original = f"C-STORE {sop_instance_uid} from {calling_ae or '?'}"
         try:
             meta = build_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
@@ -186,7 +324,16 @@ class Spool:
                 [meta, encoded], bad, source, calling_ae, called_ae, original
             ) from None
         return self._accept(
-            meta, encoded, layout, uids, transfer_syntax, source, calling_ae, called_ae, original
+            meta,
+            encoded,
+            layout,
+            uids,
+            transfer_syntax,
+            source,
+            calling_ae,
+            called_ae,
+            original,
+            streamed if streamed is not None and streamed.matches(meta, len(encoded)) else None,
         )
 
     def ingest_file(self, path: Path, *, source: str = "folder") -> InstanceRecord:
@@ -315,6 +462,7 @@ class Spool:
         calling_ae: str,
         called_ae: str,
         original: str,
+        streamed: StreamedFile | None = None,
     ) -> InstanceRecord:
         study, series, sop = (
             uids["StudyInstanceUID"],
@@ -323,7 +471,7 @@ class Spool:
         )
         rel = f"{study}/{series}/{sop}.dcm"
         dest = self.spool_dir / rel
-        if not self._write_new(dest, [meta, dataset]):
+        if not self._write_new(dest, [meta, dataset], streamed):
             kept = dest.read_bytes()
             try:
                 kept_meta = read_file_meta(kept)
@@ -355,17 +503,36 @@ class Spool:
             attributes={} if series in self.known_series else header_attributes(layout),
         )
 
-    def _write_new(self, dest: Path, parts: Sequence[bytes | memoryview]) -> bool:
+    def _write_new(
+        self,
+        dest: Path,
+        parts: Sequence[bytes | memoryview],
+        streamed: StreamedFile | None = None,
+    ) -> bool:
         """Write ``dest`` durably unless it exists; False when it already existed.
 
-        The data go into an unnamed file in the destination folder (``O_TMPFILE``; a named
-        temporary file in ``.incoming`` where the file system lacks it), are flushed to disk,
-        and only then get their name through a hard link, which never replaces a file another
-        receiver put there first; then the folder is flushed.
+        The data go into an unnamed file (``O_TMPFILE``; a named temporary file in
+        ``.incoming`` where the file system lacks it), are flushed to disk, and only then get
+        their name through a hard link, which never replaces a file another receiver put there
+        first; then the folder is flushed. ``streamed``: an unnamed file that already holds
+        exactly ``parts`` (only flushed and linked here; the caller closes it).
         """
         if dest.exists():
             return False
         self._make_dirs(dest.parent)
+        if streamed is not None and streamed.usable:
+            try:
+                os.fdatasync(streamed.fd)
+                os.link(
+                    f"/proc/self/fd/{streamed.fd}",
+                    dest,
+                    src_dir_fd=streamed.fd,
+                    follow_symlinks=True,
+                )
+            except FileExistsError:
+                return False
+            _fsync_dir(dest.parent)
+            return True
         if self._tmpfile_supported:
             try:
                 fd = self._prepared.take() if self._prepared is not None else -1
