@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 from rtauto.config import Settings
 from rtauto.ingest.scp import StorageSCP, _Indexer
@@ -48,6 +49,39 @@ def test_rows_queued_while_a_commit_runs_share_the_next_transaction():
     indexer.close()
     assert batches == [["1.2.3.1"], ["1.2.3.2", "1.2.3.3", "1.2.3.4", "1.2.3.5"]]
     assert committed == [f"1.2.3.{n}" for n in range(1, 6)]
+
+
+def test_rows_arriving_within_the_linger_share_one_commit():
+    batches: list[list[str]] = []
+    indexer = _Indexer(
+        lambda rs: batches.append([r.sop_instance_uid for r in rs]), lambda _: None, linger=0.5
+    )
+    for n in range(1, 6):
+        indexer.submit(_record(n))
+    assert indexer.flush(10)
+    assert batches == [[f"1.2.3.{n}" for n in range(1, 6)]]
+    # a full batch does not wait for the linger
+    full = _Indexer(
+        lambda rs: batches.append([r.sop_instance_uid for r in rs]),
+        lambda _: None,
+        max_batch=3,
+        linger=60,
+    )
+    for n in range(6, 9):
+        full.submit(_record(n))
+    assert full.flush(10)
+    assert batches[-1] == ["1.2.3.6", "1.2.3.7", "1.2.3.8"]
+    # closing commits at once what lingers
+    lingering = _Indexer(
+        lambda rs: batches.append([r.sop_instance_uid for r in rs]), lambda _: None, linger=60
+    )
+    lingering.submit(_record(9))
+    started = time.monotonic()
+    lingering.close()
+    assert time.monotonic() - started < 10
+    assert batches[-1] == ["1.2.3.9"]
+    full.close()
+    indexer.close()
 
 
 def test_a_failed_commit_is_retried_with_the_rows_kept():

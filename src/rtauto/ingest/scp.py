@@ -109,7 +109,10 @@ class _Indexer:
     The spool file, written durably before the success status, is the record of an
     acknowledged instance; its index row follows within milliseconds. One thread commits
     everything queued since its last commit in one transaction, so concurrent associations
-    share commits and no association waits for the database. A failed commit is retried
+    share commits and no association waits for the database; it lets a first row wait
+    ``linger`` seconds for others to join it (an instance arrives every few milliseconds
+    during a transfer: one commit per instance would cost more CPU than the rows). A failed
+    commit is retried
     with backoff (the rows stay queued); rows still queued when the process dies are indexed
     by :meth:`Spool.reconcile <rtauto.ingest.spool.Spool.reconcile>`, which the storage SCP
     runs when a receiving process exits and the daemon runs at start.
@@ -120,10 +123,12 @@ class _Indexer:
         commit: Callable[[list[InstanceRecord]], None],
         on_committed: Callable[[list[InstanceRecord]], None],
         max_batch: int = 512,
+        linger: float = 0.02,
     ):
         self._commit = commit
         self._on_committed = on_committed
         self._max_batch = max_batch
+        self._linger = linger
         self._queue: list[InstanceRecord] = []
         self._cond = threading.Condition()
         self._closing = False
@@ -134,7 +139,8 @@ class _Indexer:
     def submit(self, record: InstanceRecord) -> None:
         with self._cond:
             self._queue.append(record)
-            self._cond.notify()
+            if len(self._queue) == 1 or len(self._queue) >= self._max_batch:
+                self._cond.notify_all()  # the indexer thread (flush() may wait here too)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every row submitted so far is committed; False on timeout."""
@@ -168,6 +174,12 @@ class _Indexer:
                     self._cond.wait()
                 if not self._queue:
                     return
+                deadline = time.monotonic() + self._linger
+                while not self._closing and len(self._queue) < self._max_batch:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
                 batch = self._queue[: self._max_batch]
                 self._busy = True
             try:
