@@ -419,3 +419,26 @@ def test_files_prepared_ahead_are_used_and_released(settings: Settings, ct_serie
         ct_series.study_instance_uid
     ]
     assert not list(settings.incoming_dir.iterdir())
+
+
+def test_a_series_folder_removed_behind_the_spool_is_made_again(
+    settings: Settings, ct_series: SyntheticSeries
+):
+    spool = Spool(settings)
+    first = spool.ingest_file(ct_series.files[0])
+    series_dir = (settings.spool_dir / first.path).parent
+    (settings.spool_dir / first.path).unlink()
+    series_dir.rmdir()
+    second = spool.ingest_file(ct_series.files[1])
+    assert (settings.spool_dir / second.path).read_bytes() == ct_series.files[1].read_bytes()
+    sent = dataset_bytes(ct_series.files[2])
+    (settings.spool_dir / second.path).unlink()
+    series_dir.rmdir()
+    streamed = _stream(spool, sent, ct_series.sop_instance_uids[2])
+    third = _ingest_streamed(spool, sent, ct_series.sop_instance_uids[2], streamed)
+    assert dataset_bytes(settings.spool_dir / third.path) == sent
+    (settings.spool_dir / third.path).unlink()
+    series_dir.rmdir()
+    spool._tmpfile_supported = False  # the named temporary file path
+    fourth = spool.ingest_file(ct_series.files[3])
+    assert (settings.spool_dir / fourth.path).read_bytes() == ct_series.files[3].read_bytes()

@@ -211,6 +211,8 @@ class Spool:
         # series whose store row exists (the storage SCP adds them once indexed): their
         # instances skip the header attribute conversion, which only a new series row needs
         self.known_series = _BoundedSet(10_000)
+        # series folders known to exist (rtauto never removes a spool folder)
+        self._series_dirs = _BoundedSet(10_000)
         # unnamed temporary files (Linux O_TMPFILE) are linked into place through /proc
         self._tmpfile_supported = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
         self._prepared: _PreparedFiles | None = None
@@ -471,8 +473,10 @@ class Spool:
         )
         rel = f"{study}/{series}/{sop}.dcm"
         dest = self.spool_dir / rel
+        size = len(meta) + len(dataset)
         if not self._write_new(dest, [meta, dataset], streamed):
             kept = dest.read_bytes()
+            size = len(kept)
             try:
                 kept_meta = read_file_meta(kept)
             except HeaderError:
@@ -496,7 +500,7 @@ class Spool:
             modality=str(_attribute(layout, "Modality")),
             transfer_syntax=transfer_syntax,
             path=rel,
-            size=dest.stat().st_size,
+            size=size,
             source=source,
             calling_ae=calling_ae.strip(),
             called_ae=called_ae.strip(),
@@ -517,27 +521,22 @@ class Spool:
         first; then the folder is flushed. ``streamed``: an unnamed file that already holds
         exactly ``parts`` (only flushed and linked here; the caller closes it).
         """
-        if dest.exists():
-            return False
         self._make_dirs(dest.parent)
         if streamed is not None and streamed.usable:
+            os.fdatasync(streamed.fd)
             try:
-                os.fdatasync(streamed.fd)
-                os.link(
-                    f"/proc/self/fd/{streamed.fd}",
-                    dest,
-                    src_dir_fd=streamed.fd,
-                    follow_symlinks=True,
-                )
+                self._link_unnamed(streamed.fd, dest)
             except FileExistsError:
-                return False
+                return False  # already stored (the link never replaces a file)
             _fsync_dir(dest.parent)
             return True
+        if dest.exists():
+            return False
         if self._tmpfile_supported:
             try:
                 fd = self._prepared.take() if self._prepared is not None else -1
                 if fd < 0:
-                    fd = os.open(dest.parent, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+                    fd = os.open(self.spool_dir, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                     raise
@@ -546,9 +545,7 @@ class Spool:
                 try:
                     _write_all(fd, parts)
                     os.fdatasync(fd)
-                    # src_dir_fd only makes Python call linkat(), which follows the /proc link
-                    # (the path is absolute, so the kernel ignores the folder it names)
-                    os.link(f"/proc/self/fd/{fd}", dest, src_dir_fd=fd, follow_symlinks=True)
+                    self._link_unnamed(fd, dest)
                 except FileExistsError:
                     return False
                 finally:
@@ -566,7 +563,7 @@ class Spool:
             raise
         os.close(fd)
         try:
-            os.link(tmp, dest)
+            self._link(tmp, dest)
         except FileExistsError:
             return False
         finally:
@@ -574,8 +571,25 @@ class Spool:
         _fsync_dir(dest.parent)
         return True
 
+    def _link_unnamed(self, fd: int, dest: Path) -> None:
+        """Give an unnamed file its name (FileExistsError: the name is taken)."""
+        # src_dir_fd only makes Python call linkat(), which follows the /proc link (the path is
+        # absolute, so the kernel ignores the folder it names)
+        self._link(f"/proc/self/fd/{fd}", dest, src_dir_fd=fd, follow_symlinks=True)
+
+    def _link(self, source: str | Path, dest: Path, **options: Any) -> None:
+        try:
+            os.link(source, dest, **options)
+        except FileNotFoundError:
+            # the series folder was removed behind rtauto's back: make it again
+            self._series_dirs.discard(str(dest.parent))
+            self._make_dirs(dest.parent)
+            os.link(source, dest, **options)
+
     def _make_dirs(self, series_dir: Path) -> None:
-        if series_dir.is_dir():
+        """Create (durably) a series folder and its study folder where missing."""
+        key = str(series_dir)
+        if key in self._series_dirs:
             return
         for folder in (series_dir.parent, series_dir):
             try:
@@ -583,6 +597,7 @@ class Spool:
             except FileExistsError:
                 continue
             _fsync_dir(folder.parent)
+        self._series_dirs.add(key)
 
     def _refuse(
         self,
@@ -721,6 +736,9 @@ class _BoundedSet:
             if len(self._members) >= self.limit:
                 self._members.clear()
             self._members.add(item)
+
+    def discard(self, item: str) -> None:
+        self._members.discard(item)
 
     def __contains__(self, item: object) -> bool:
         return item in self._members
