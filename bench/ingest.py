@@ -138,7 +138,11 @@ def measure(
     with tempfile.TemporaryDirectory(dir=CACHE, prefix="run-") as tmp:
         with target(Path(tmp), associations) as (port, called_ae, held):
             seconds = push(port, called_ae, files, associations, nodelay)
-            stored = held()
+            # every instance must be held (rtauto's index rows follow the success status
+            # within tens of milliseconds; the files were durable before it)
+            deadline = time.monotonic() + 30
+            while (stored := held()) < len(files) and time.monotonic() < deadline:
+                time.sleep(0.05)
         if stored < len(files):
             raise RuntimeError(f"{name} holds {stored} of {len(files)} instances after the push")
     rate = len(files) / seconds
