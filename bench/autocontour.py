@@ -192,10 +192,11 @@ def main() -> None:
 
         batch = SegmentParams(model="demo-thorax@latest").sw_batch_size  # as the step runs
         step_walls, raw, sliding, torch_raw = [], [], [], []
+        stages: dict[str, list[float]] = {}
         for repeat in range(args.repeat + 1):  # the first round warms caches and is dropped
             ctx = _context(files, tmp_path / f"step{repeat}", f"step{repeat}")
             start = time.perf_counter()
-            run_segment(ctx, SegmentParams(model="demo-thorax@latest", device="cpu"))
+            step = run_segment(ctx, SegmentParams(model="demo-thorax@latest", device="cpu"))
             step_wall = time.perf_counter() - start
             timings: dict[str, float] = {}
             start = time.perf_counter()
@@ -214,6 +215,8 @@ def main() -> None:
                 raw.append(timings["network"])
                 sliding.append(sliding_wall)
                 torch_raw.append(torch_timings["network"])
+                for stage, seconds in step.outputs["timings"].items():
+                    stages.setdefault(stage, []).append(seconds)
 
         med = statistics.median
         results = {
@@ -221,6 +224,7 @@ def main() -> None:
             "a_raw_inference_s": med(raw),
             "a_overhead_ratio": med(step_walls) / med(raw),
             "a_sliding_window_ratio": med(sliding) / med(raw),
+            **{f"a_step_{stage}_s": med(seconds) for stage, seconds in stages.items()},
             "b_torch_inference_s": med(torch_raw),
             "b_torch_over_onnx_ratio": med(torch_raw) / med(raw),
         }
@@ -253,6 +257,12 @@ def main() -> None:
         f"(a) step wall / raw ONNX Runtime inference: {results['a_overhead_ratio']:.2f} "
         f"(target <= 1.15); sliding window / raw: {results['a_sliding_window_ratio']:.2f}"
     )
+    breakdown = ", ".join(
+        f"{key[len('a_step_') : -len('_s')]} {value:.2f}"
+        for key, value in results.items()
+        if key.startswith("a_step_") and key not in ("a_step_wall_s", "a_step_total_s")
+    )
+    print(f"    the step's stages in seconds: {breakdown} (network is within sliding_window)")
     print(
         f"(b) PyTorch / ONNX Runtime inference: {results['b_torch_over_onnx_ratio']:.2f}; "
         f"peak RSS of a step, PyTorch / ONNX Runtime: "

@@ -61,6 +61,18 @@ def test_segment_writes_rtstruct_and_seg_a_tps_accepts(
     assert outputs["model_card_sha256"] == model.card_hash
     assert outputs["provider"] == "CPUExecutionProvider"
     assert outputs["referenced_images"] == 32
+    stages = outputs["timings"]  # where the step's time went, stage by stage
+    assert list(stages) == [
+        "load",
+        "preprocess",
+        "network",
+        "sliding_window",
+        "resample",
+        "postprocess",
+        "write",
+        "total",
+    ]
+    assert 0 < sum(v for k, v in stages.items() if k not in ("network", "total")) <= stages["total"]
     rtstruct, seg = ctx.artifacts
     assert (rtstruct.kind, rtstruct.modality, seg.kind, seg.modality) == (
         "RTSTRUCT",

@@ -190,7 +190,9 @@ def run_segment(ctx: StepContext, params: SegmentParams) -> StepResult:
         raise StepFailed(
             f"model {model.ref} has no structure {unknown}; it offers {card.structure_names}"
         )
+    loading = time.perf_counter()
     volume = _load_ct(ctx, card.input_modality)
+    load_seconds = time.perf_counter() - loading
     backends = BUILTIN_BACKENDS if card.backend in BUILTIN_BACKENDS else _backends()
     try:
         predictor = load_predictor(model, backends, params.device)
@@ -220,6 +222,7 @@ def run_segment(ctx: StepContext, params: SegmentParams) -> StepResult:
         "backend": card.backend,
         "provider": result.provider,
     }
+    writing = time.perf_counter()
     uids = _write_outputs(
         ctx,
         volume,
@@ -233,8 +236,11 @@ def run_segment(ctx: StepContext, params: SegmentParams) -> StepResult:
         extra_description=f"; model {model.ref} (card sha256 {model.card_hash})",
         provenance=provenance,
     )
+    write_seconds = time.perf_counter() - writing
     empty = [s.name for s in structures if not s.mask.any()]
-    timings = {k: round(v, 3) for k, v in result.timings.items()}
+    timings = {"load": round(load_seconds, 3)}
+    timings.update((k, round(v, 3)) for k, v in result.timings.items())
+    timings["write"] = round(write_seconds, 3)
     timings["total"] = round(time.perf_counter() - started, 3)
     return StepResult(
         outputs={
