@@ -34,6 +34,7 @@ __all__ = [
     "OrthancServer",
     "ReceivingSCP",
     "free_port",
+    "instance_record",
     "require_tool",
     "storescu",
     "echoscu",
@@ -49,6 +50,29 @@ def require_tool(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} is not installed (`make install` installs it)")
     return path
+
+
+def instance_record(
+    sop: str, series: str = "1.2.3.2", study: str = "1.2.3.1", **fields: Any
+) -> Any:
+    """An index row of a CT instance under made-up UIDs (for store and indexer tests);
+    ``fields`` override the other columns."""
+    from rtauto.store import InstanceRecord
+
+    values: dict[str, Any] = {
+        "sop_instance_uid": sop,
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "series_instance_uid": series,
+        "study_instance_uid": study,
+        "patient_id": "P1",
+        "modality": "CT",
+        "transfer_syntax": "1.2.840.10008.1.2.1",
+        "path": f"{study}/{series}/{sop}.dcm",
+        "size": 10,
+        "source": "scp",
+    }
+    values.update(fields)
+    return InstanceRecord(**values)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.05) -> Any:

@@ -12,22 +12,11 @@ from rtauto.config import Settings
 from rtauto.ingest.scp import StorageSCP, _Indexer
 from rtauto.ingest.spool import Spool
 from rtauto.store import InstanceRecord, Store
-from rtauto.testing import SyntheticSeries, echoscu, wait_until
+from rtauto.testing import SyntheticSeries, echoscu, instance_record, wait_until
 
 
 def _record(n: int) -> InstanceRecord:
-    return InstanceRecord(
-        sop_instance_uid=f"1.2.3.{n}",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        series_instance_uid="1.2.3.100",
-        study_instance_uid="1.2.3.99",
-        patient_id="P1",
-        modality="CT",
-        transfer_syntax="1.2.840.10008.1.2.1",
-        path=f"1.2.3.99/1.2.3.100/1.2.3.{n}.dcm",
-        size=1,
-        source="scp",
-    )
+    return instance_record(f"1.2.3.{n}", series="1.2.3.100", study="1.2.3.99")
 
 
 def test_rows_queued_while_a_commit_runs_share_the_next_transaction():

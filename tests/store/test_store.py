@@ -16,25 +16,13 @@ import pytest
 from sqlalchemy import inspect, text
 
 from rtauto.store import InstanceRecord, Store
-from rtauto.testing import free_port
+from rtauto.testing import free_port, instance_record
 
 TABLES = {"instances", "series", "studies", "jobs", "steps", "artifacts", "deliveries", "audit"}
 
 
 def record(sop: str, series: str = "1.2.3.2", study: str = "1.2.3.1") -> InstanceRecord:
-    return InstanceRecord(
-        sop_instance_uid=sop,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        series_instance_uid=series,
-        study_instance_uid=study,
-        patient_id="P1",
-        modality="CT",
-        transfer_syntax="1.2.840.10008.1.2.1",
-        path=f"{study}/{series}/{sop}.dcm",
-        size=10,
-        source="scp",
-        attributes={"SeriesDescription": "Planning CT"},
-    )
+    return instance_record(sop, series, study, attributes={"SeriesDescription": "Planning CT"})
 
 
 def exercise(store: Store, tmp_path: Path) -> None:
