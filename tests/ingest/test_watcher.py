@@ -170,3 +170,43 @@ def test_delete_after_ingest_removes_files_once_their_copy_is_durable(
     assert len(reasons(settings)) == 4
     for record in reasons(settings):
         assert (settings.quarantine_dir / record["file"]).stat().st_size > 0
+
+
+def test_a_restart_reads_again_only_what_changed(
+    settings: Settings, store: Store, drop: Path, ct_series: SyntheticSeries
+):
+    """Kept files, good or bad, are read once across restarts: a restart neither re-reads a
+    kept instance nor quarantines a kept bad file a second time; a file changed or added
+    while the daemon was down is read, and a file removed meanwhile is forgotten."""
+    kept = drop / "kept.dcm"
+    kept.write_bytes(ct_series.files[0].read_bytes())
+    changed = drop / "changed.dcm"
+    changed.write_bytes(ct_series.files[1].read_bytes())
+    removed = drop / "removed.dcm"
+    removed.write_bytes(ct_series.files[2].read_bytes())
+    bad = drop / "notes.txt"
+    bad.write_text("not DICOM\n" * 20)
+    with watching(settings, store, drop, settle_seconds=0.2) as watcher:
+        wait_until(lambda: (watcher.ingested, watcher.refused) == (3, 1))
+    assert len(store.watched_files(drop)) == 4
+
+    # while the daemon is down: one file gets other content, one goes, one arrives
+    changed.write_bytes(ct_series.files[3].read_bytes())
+    removed.unlink()
+    (drop / "new.dcm").write_bytes(ct_series.files[4].read_bytes())
+    with watching(settings, store, drop, settle_seconds=0.2) as watcher:
+        wait_until(lambda: watcher.ingested == 2)
+        time.sleep(1.0)  # several settle periods: nothing else is read
+        assert (watcher.ingested, watcher.refused) == (2, 0)
+    assert len(reasons(settings)) == 1  # the bad file was quarantined once
+    assert set(store.watched_files(drop)) == {
+        str(drop / name) for name in ("kept.dcm", "changed.dcm", "new.dcm", "notes.txt")
+    }
+    for n in (0, 1, 2, 3, 4):
+        assert store.has_instance(ct_series.sop_instance_uids[n])
+
+    # a folder switched to delete_after_ingest has everything in it read, and deleted
+    with watching(settings, store, drop, settle_seconds=0.2, delete_after_ingest=True) as w:
+        wait_until(lambda: (w.ingested, w.refused) == (3, 1))
+        wait_until(lambda: not list(drop.iterdir()))
+    assert store.watched_files(drop) == {}

@@ -18,7 +18,17 @@ from sqlalchemy import inspect, text
 from rtauto.store import InstanceRecord, Store
 from rtauto.testing import free_port, instance_record
 
-TABLES = {"instances", "series", "studies", "jobs", "steps", "artifacts", "deliveries", "audit"}
+TABLES = {
+    "instances",
+    "series",
+    "studies",
+    "jobs",
+    "steps",
+    "artifacts",
+    "deliveries",
+    "audit",
+    "watched_files",
+}
 
 
 def record(sop: str, series: str = "1.2.3.2", study: str = "1.2.3.1") -> InstanceRecord:
@@ -88,6 +98,17 @@ def exercise(store: Store, tmp_path: Path) -> None:
     assert [d.status for d in store.deliveries_of(job.id)] == ["delivered"]
     store.audit("test.event", job.id, "hello", value=1)
     assert store.audit_events("test.")[0].data == {"value": 1}
+
+    # what the folder watcher has read, per folder (a file read again replaces its record)
+    drop = tmp_path / "drop"
+    store.remember_watched_file(drop / "a.dcm", 10, 1_700_000_000_123_456_789, "ingested")
+    store.remember_watched_file(drop / "b.txt", 5, 2, "refused")
+    store.remember_watched_file(tmp_path / "drop2" / "c.dcm", 7, 3, "ingested")
+    store.remember_watched_file(drop / "a.dcm", 11, 4, "ingested")
+    assert store.watched_files(drop) == {str(drop / "a.dcm"): (11, 4), str(drop / "b.txt"): (5, 2)}
+    store.forget_watched_files([drop / "a.dcm", drop / "never-seen"])
+    assert store.watched_files(drop) == {str(drop / "b.txt"): (5, 2)}
+    assert store.watched_files(tmp_path / "drop2") == {str(tmp_path / "drop2" / "c.dcm"): (7, 3)}
 
 
 def test_sqlite_store_is_in_wal_mode(tmp_path):

@@ -7,7 +7,10 @@ pauses shorter than that, is never read half-way), and once per (path, size, mti
 SOP Instance UID check makes a second copy of the same instance idempotent anyway.
 
 Files present when the watcher starts (dropped while the daemon was down) are found by a scan
-at start; a slower periodic rescan catches anything whose file system event was lost. Hidden
+at start; a slower periodic rescan catches anything whose file system event was lost. What was
+read (path, size, modification time, ingested or refused) is kept in the job store, so a
+restart does not read a kept file again, nor quarantine a kept bad file a second time, unless
+it changed. Hidden
 files (``.name``, the usual form of a partial copy), ``*.tmp``/``*.part`` and ``DICOMDIR`` are
 left alone. Refused files are quarantined with their reason by the spool; the original stays
 unless ``delete_after_ingest``, in which case it is removed only after its spool copy or its
@@ -106,9 +109,26 @@ class FolderWatcher:
             observer.schedule(_Events(self, folder), str(folder.path), recursive=folder.recursive)
             observer.start()
             self._observers.append(observer)
+        # files read before a restart are not read again unless they changed (a folder that
+        # deletes what it ingested has every file it holds read, and then deleted)
+        for folder in self.settings.watch:
+            read_before = self.store.watched_files(folder.path)
+            if folder.delete_after_ingest:
+                self.store.forget_watched_files(Path(p) for p in read_before)
+                continue
+            with self._lock:
+                self._done.update((Path(p), sig) for p, sig in read_before.items())
         # scan after the observers run, so a file dropped in between is seen by one of them
         for folder in self.settings.watch:
-            self._scan(folder, folder.path)
+            seen = self._scan(folder, folder.path)
+            if folder.delete_after_ingest:
+                continue
+            gone = [Path(p) for p in self.store.watched_files(folder.path) if Path(p) not in seen]
+            if gone:
+                with self._lock:
+                    for path in gone:
+                        self._done.pop(path, None)
+                self.store.forget_watched_files(gone)
         self._thread = threading.Thread(target=self._run, name="rtauto-watcher", daemon=True)
         self._thread.start()
 
@@ -136,14 +156,19 @@ class FolderWatcher:
         self.stop()
 
     # -- bookkeeping (called from observer threads) -------------------------------------------
-    def _scan(self, folder: WatchFolder, root: Path) -> None:
+    def _scan(self, folder: WatchFolder, root: Path) -> set[Path]:
+        """Look at every file under ``root``; returns the files found."""
         if root.is_file():
             self._touch(folder, root)
-            return
+            return {root}
+        seen = set()
         walker = os.walk(root) if folder.recursive else [(str(root), [], os.listdir(root))]
         for dirpath, _dirs, files in walker:
             for name in files:
-                self._touch(folder, Path(dirpath) / name)
+                path = Path(dirpath) / name
+                seen.add(path)
+                self._touch(folder, path)
+        return seen
 
     def _touch(self, folder: WatchFolder, path: Path) -> None:
         if _ignored(path):
@@ -162,9 +187,16 @@ class FolderWatcher:
         self._wake.set()
 
     def _forget(self, path: Path) -> None:
+        """A file was deleted, moved away or changed: its next version is a new candidate."""
         with self._lock:
             self._candidates.pop(path, None)
-            self._done.pop(path, None)
+            was_read = self._done.pop(path, None) is not None
+        store = self.store
+        if was_read and store is not None:
+            try:
+                store.forget_watched_files([path])
+            except Exception:
+                log.exception("cannot drop the record of %s", path)
 
     # -- the ingesting thread -----------------------------------------------------------------
     def _run(self) -> None:
@@ -216,9 +248,11 @@ class FolderWatcher:
             record = self.spool.ingest_file(path, source="folder")
             self.store.record_instance(record)
             self.ingested += 1
+            outcome = "ingested"
             log.info("ingested %s as %s", path, record.path)
         except IngestError as refused:
             self.refused += 1
+            outcome = "refused"
             log.warning("refused %s: %s", path, refused.reason)
         except Exception:
             log.exception("cannot ingest %s; retrying in %.0f s", path, RETRY_SECONDS)
@@ -242,7 +276,15 @@ class FolderWatcher:
                 pass
             except OSError as exc:
                 log.error("cannot delete %s after ingest: %s", path, exc)
-            self._forget(path)
+            with self._lock:  # gone: nothing to remember
+                self._candidates.pop(path, None)
+                self._done.pop(path, None)
+            return
+        try:
+            self.store.remember_watched_file(path, *signature, outcome)
+        except Exception:
+            # only costs a second read after a restart (which the spool makes idempotent)
+            log.exception("cannot record that %s was read", path)
 
     @staticmethod
     def _changed_since(path: Path, signature: tuple[int, int]) -> bool:

@@ -160,3 +160,17 @@ class AuditEvent(Base):
     subject: Mapped[str] = mapped_column(String(255), default="")
     message: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class WatchedFile(Base):
+    """A file in a watch folder that rtauto has read (ingested or refused), with the size and
+    modification time it had then: a daemon restart does not read it again unless it changed.
+    """
+
+    __tablename__ = "watched_files"
+
+    path: Mapped[str] = mapped_column(Text, primary_key=True)  # absolute
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    outcome: Mapped[str] = mapped_column(String(16))  # ingested | refused
+    read_at: Mapped[float] = mapped_column(Float)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,6 +32,7 @@ from rtauto.store.models import (
     Series,
     StepRun,
     Study,
+    WatchedFile,
 )
 
 __all__ = ["InstanceRecord", "Store", "TERMINAL_STEP_STATES"]
@@ -445,6 +446,36 @@ class Store:
                 .where(Study.study_uid == study_uid)
                 .values(completed_at=when or time.time())
             )
+
+    # -- watch folders -------------------------------------------------------------------------
+    def watched_files(self, folder: Path) -> dict[str, tuple[int, int]]:
+        """The files under ``folder`` the folder watcher has read: path -> (size, mtime_ns)."""
+        prefix = str(folder).rstrip("/") + "/"
+        with self.session() as s:
+            rows = s.execute(select(WatchedFile.path, WatchedFile.size, WatchedFile.mtime_ns))
+            return {path: (size, mtime) for path, size, mtime in rows if path.startswith(prefix)}
+
+    def remember_watched_file(self, path: Path, size: int, mtime_ns: int, outcome: str) -> None:
+        """Record that a watch-folder file with this size and modification time was read."""
+        with self.session() as s:
+            s.merge(
+                WatchedFile(
+                    path=str(path),
+                    size=size,
+                    mtime_ns=mtime_ns,
+                    outcome=outcome,
+                    read_at=time.time(),
+                )
+            )
+
+    def forget_watched_files(self, paths: Iterable[Path]) -> None:
+        """Drop the records of watch-folder files that are gone or changed."""
+        names = [str(p) for p in paths]
+        with self.session() as s:
+            for start in range(0, len(names), 500):
+                s.execute(
+                    delete(WatchedFile).where(WatchedFile.path.in_(names[start : start + 500]))
+                )
 
     def counts(self) -> dict[str, int]:
         with self.session() as s:
