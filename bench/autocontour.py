@@ -258,9 +258,9 @@ def main() -> None:
         f"(target <= 1.15); sliding window / raw: {results['a_sliding_window_ratio']:.2f}"
     )
     breakdown = ", ".join(
-        f"{key[len('a_step_') : -len('_s')]} {value:.2f}"
-        for key, value in results.items()
-        if key.startswith("a_step_") and key not in ("a_step_wall_s", "a_step_total_s")
+        f"{stage} {statistics.median(seconds):.2f}"
+        for stage, seconds in stages.items()
+        if stage != "total"
     )
     print(f"    the step's stages in seconds: {breakdown} (network is within sliding_window)")
     print(

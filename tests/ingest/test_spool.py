@@ -79,15 +79,7 @@ def test_encoded_dataset_gets_a_file_meta_header_naming_rtauto(
     settings: Settings, ct_series: SyntheticSeries
 ):
     sent = dataset_bytes(ct_series.files[1])
-    record = Spool(settings).ingest_encoded(
-        sent,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        sop_instance_uid=ct_series.sop_instance_uids[1],
-        transfer_syntax=EXPLICIT_LE,
-        source="scp",
-        calling_ae="CT_SCANNER",
-        called_ae="RTAUTO",
-    )
+    record = _ingest_network(Spool(settings), sent, ct_series.sop_instance_uids[1])
     stored = settings.spool_dir / record.path
     assert dataset_bytes(stored) == sent  # stored as received
     ds = pydicom.dcmread(stored)
@@ -116,7 +108,8 @@ def _stream(spool: Spool, sent: bytes, sop_instance_uid: str, piece: int = 1000)
     return streamed
 
 
-def _ingest_streamed(spool: Spool, sent: bytes, sop_instance_uid: str, streamed):
+def _ingest_network(spool: Spool, sent: bytes, sop_instance_uid: str, streamed=None):
+    """A CT data set received from CT_SCANNER (fed to ``streamed`` as it arrived)."""
     return spool.ingest_encoded(
         sent,
         sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
@@ -138,21 +131,13 @@ def test_data_set_written_as_it_arrives_is_flushed_and_named(
     sent = dataset_bytes(ct_series.files[1])
     streamed = _stream(spool, sent, ct_series.sop_instance_uids[1], piece=777)
     inode = os.fstat(streamed.fd).st_ino
-    record = _ingest_streamed(spool, sent, ct_series.sop_instance_uids[1], streamed)
+    record = _ingest_network(spool, sent, ct_series.sop_instance_uids[1], streamed)
     stored = settings.spool_dir / record.path
     assert stored.stat().st_ino == inode
     assert not streamed.usable  # released
     assert dataset_bytes(stored) == sent
     reference = Settings(home=settings.home.parent / "reference")
-    plain = Spool(reference).ingest_encoded(
-        sent,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        sop_instance_uid=ct_series.sop_instance_uids[1],
-        transfer_syntax=EXPLICIT_LE,
-        source="scp",
-        calling_ae="CT_SCANNER",
-        called_ae="RTAUTO",
-    )
+    plain = _ingest_network(Spool(reference), sent, ct_series.sop_instance_uids[1])
     assert stored.read_bytes() == (reference.spool_dir / plain.path).read_bytes()
     assert stored.stat().st_mode & 0o777 == 0o644
 
@@ -166,7 +151,7 @@ def test_data_set_written_as_it_arrives_falls_back_when_incomplete(
     sent = dataset_bytes(ct_series.files[2])
     streamed = _stream(spool, sent[:-100], ct_series.sop_instance_uids[2])
     inode = os.fstat(streamed.fd).st_ino
-    record = _ingest_streamed(spool, sent, ct_series.sop_instance_uids[2], streamed)
+    record = _ingest_network(spool, sent, ct_series.sop_instance_uids[2], streamed)
     stored = settings.spool_dir / record.path
     assert stored.stat().st_ino != inode
     assert dataset_bytes(stored) == sent
@@ -183,19 +168,19 @@ def test_data_set_written_as_it_arrives_is_not_named_when_refused(
     truncated = sent[: len(sent) // 2]
     streamed = _stream(spool, truncated, ct_series.sop_instance_uids[3])
     with pytest.raises(RefusedInstance) as refused:
-        _ingest_streamed(spool, truncated, ct_series.sop_instance_uids[3], streamed)
+        _ingest_network(spool, truncated, ct_series.sop_instance_uids[3], streamed)
     assert refused.value.status == STATUS_CANNOT_UNDERSTAND
     assert not streamed.usable
     assert spool_files(settings) == []
     assert len(reasons(settings)) == 1
-    first = _ingest_streamed(
+    first = _ingest_network(
         spool,
         sent,
         ct_series.sop_instance_uids[3],
         _stream(spool, sent, ct_series.sop_instance_uids[3]),
     )
     inode = (settings.spool_dir / first.path).stat().st_ino
-    again = _ingest_streamed(
+    again = _ingest_network(
         spool,
         sent,
         ct_series.sop_instance_uids[3],
@@ -435,7 +420,7 @@ def test_a_series_folder_removed_behind_the_spool_is_made_again(
     (settings.spool_dir / second.path).unlink()
     series_dir.rmdir()
     streamed = _stream(spool, sent, ct_series.sop_instance_uids[2])
-    third = _ingest_streamed(spool, sent, ct_series.sop_instance_uids[2], streamed)
+    third = _ingest_network(spool, sent, ct_series.sop_instance_uids[2], streamed)
     assert dataset_bytes(settings.spool_dir / third.path) == sent
     (settings.spool_dir / third.path).unlink()
     series_dir.rmdir()

@@ -109,6 +109,9 @@ def exercise(store: Store, tmp_path: Path) -> None:
     store.forget_watched_files([drop / "a.dcm", drop / "never-seen"])
     assert store.watched_files(drop) == {str(drop / "b.txt"): (5, 2)}
     assert store.watched_files(tmp_path / "drop2") == {str(tmp_path / "drop2" / "c.dcm"): (7, 3)}
+    # the folder is a prefix, not a pattern: '_' and '%' in it match only themselves
+    assert store.watched_files(tmp_path / "dr_p") == {}
+    assert store.watched_files(tmp_path / "dr%") == {}
 
 
 def test_sqlite_store_is_in_wal_mode(tmp_path):

@@ -112,10 +112,9 @@ class _Indexer:
     share commits and no association waits for the database; it lets a first row wait
     ``linger`` seconds for others to join it (an instance arrives every few milliseconds
     during a transfer: one commit per instance would cost more CPU than the rows). A failed
-    commit is retried
-    with backoff (the rows stay queued); rows still queued when the process dies are indexed
-    by :meth:`Spool.reconcile <rtauto.ingest.spool.Spool.reconcile>`, which the storage SCP
-    runs when a receiving process exits and the daemon runs at start.
+    commit is retried with backoff (the rows stay queued); rows still queued when the process
+    dies are indexed by :meth:`Spool.reconcile <rtauto.ingest.spool.Spool.reconcile>`, which
+    the storage SCP runs when a receiving process exits and the daemon runs at start.
     """
 
     def __init__(

@@ -184,6 +184,11 @@ class StreamedFile:
             os.close(fd)
 
 
+def _open_unnamed(folder: Path) -> int:
+    """A new unnamed file (Linux ``O_TMPFILE``) on the file system of ``folder``."""
+    return os.open(folder, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+
+
 def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
     views = [memoryview(p) for p in parts if len(p)]
     while views:
@@ -248,12 +253,10 @@ class Spool:
             meta = build_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
         except HeaderError:
             return None
-        fd = self._prepared.take() if self._prepared is not None else -1
-        if fd < 0:
-            try:
-                fd = os.open(self.spool_dir, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
-            except OSError:
-                return None
+        try:
+            fd = self._unnamed_file()
+        except OSError:
+            return None
         streamed = StreamedFile(fd, meta)
         return streamed if streamed.usable else None
 
@@ -277,66 +280,44 @@ class Spool:
         Raises :class:`RefusedInstance` after quarantining what was refused.
         """
         try:
-            return self._ingest_encoded(
+            original = f"C-STORE {sop_instance_uid} from {calling_ae or '?'}"
+            try:
+                meta = build_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
+            except HeaderError:
+                meta = b""
+            try:
+                layout, uids = self._validate(encoded, transfer_syntax)
+                if uids["SOPInstanceUID"] != sop_instance_uid:
+                    raise _Invalid(
+                        f"SOPInstanceUID {_text(uids['SOPInstanceUID'])} in the data set differs"
+                        f" from {_text(sop_instance_uid)} in the C-STORE request",
+                        STATUS_DATASET_MISMATCH,
+                    )
+                if uids["SOPClassUID"] != sop_class_uid:
+                    raise _Invalid(
+                        f"SOPClassUID {_text(uids['SOPClassUID'])} in the data set differs from"
+                        f" {_text(sop_class_uid)} in the C-STORE request",
+                        STATUS_DATASET_MISMATCH,
+                    )
+            except _Invalid as bad:
+                raise self._refuse(
+                    [meta, encoded], bad, source, calling_ae, called_ae, original
+                ) from None
+            return self._accept(
+                meta,
                 encoded,
-                sop_class_uid,
-                sop_instance_uid,
+                layout,
+                uids,
                 transfer_syntax,
                 source,
                 calling_ae,
                 called_ae,
-                streamed,
+                original,
+                streamed if streamed is not None and streamed.matches(meta, len(encoded)) else None,
             )
         finally:
             if streamed is not None:
                 streamed.close()
-
-    def _ingest_encoded(
-        self,
-        encoded: bytes | memoryview,
-        sop_class_uid: str,
-        sop_instance_uid: str,
-        transfer_syntax: str,
-        source: str,
-        calling_ae: str,
-        called_ae: str,
-        streamed: StreamedFile | None,
-    ) -> InstanceRecord:
-        original = f"C-STORE {sop_instance_uid} from {calling_ae or '?'}"
-        try:
-            meta = build_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
-        except HeaderError:
-            meta = b""
-        try:
-            layout, uids = self._validate(encoded, transfer_syntax)
-            if uids["SOPInstanceUID"] != sop_instance_uid:
-                raise _Invalid(
-                    f"SOPInstanceUID {_text(uids['SOPInstanceUID'])} in the data set differs"
-                    f" from {_text(sop_instance_uid)} in the C-STORE request",
-                    STATUS_DATASET_MISMATCH,
-                )
-            if uids["SOPClassUID"] != sop_class_uid:
-                raise _Invalid(
-                    f"SOPClassUID {_text(uids['SOPClassUID'])} in the data set differs from"
-                    f" {_text(sop_class_uid)} in the C-STORE request",
-                    STATUS_DATASET_MISMATCH,
-                )
-        except _Invalid as bad:
-            raise self._refuse(
-                [meta, encoded], bad, source, calling_ae, called_ae, original
-            ) from None
-        return self._accept(
-            meta,
-            encoded,
-            layout,
-            uids,
-            transfer_syntax,
-            source,
-            calling_ae,
-            called_ae,
-            original,
-            streamed if streamed is not None and streamed.matches(meta, len(encoded)) else None,
-        )
 
     def ingest_file(self, path: Path, *, source: str = "folder") -> InstanceRecord:
         """Copy a DICOM file into the spool (the original is never moved or modified).
@@ -534,9 +515,7 @@ class Spool:
             return False
         if self._tmpfile_supported:
             try:
-                fd = self._prepared.take() if self._prepared is not None else -1
-                if fd < 0:
-                    fd = os.open(self.spool_dir, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+                fd = self._unnamed_file()
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                     raise
@@ -570,6 +549,11 @@ class Spool:
             tmp.unlink(missing_ok=True)
         _fsync_dir(dest.parent)
         return True
+
+    def _unnamed_file(self) -> int:
+        """An unnamed file in the spool: one prepared ahead when there is one."""
+        fd = self._prepared.take() if self._prepared is not None else -1
+        return fd if fd >= 0 else _open_unnamed(self.spool_dir)
 
     def _link_unnamed(self, fd: int, dest: Path) -> None:
         """Give an unnamed file its name (FileExistsError: the name is taken)."""
@@ -713,7 +697,7 @@ class _PreparedFiles:
                 if self._closed:
                     return
             try:
-                fd = os.open(self._folder, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+                fd = _open_unnamed(self._folder)
             except OSError as exc:
                 log.warning("cannot prepare spool files ahead (%s); creating them as needed", exc)
                 return

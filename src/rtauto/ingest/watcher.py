@@ -6,17 +6,17 @@ same for the folder's ``settle_seconds`` (so a file still being written, even in
 pauses shorter than that, is never read half-way), and once per (path, size, mtime): the spool's
 SOP Instance UID check makes a second copy of the same instance idempotent anyway.
 
-Files present when the watcher starts (dropped while the daemon was down) are found by a scan
-at start; a slower periodic rescan catches anything whose file system event was lost. What was
-read (path, size, modification time, ingested or refused) is kept in the job store, so a
-restart does not read a kept file again, nor quarantine a kept bad file a second time, unless
-it changed. Hidden
-files (``.name``, the usual form of a partial copy), ``*.tmp``/``*.part`` and ``DICOMDIR`` are
-left alone. Refused files are quarantined with their reason by the spool; the original stays
-unless ``delete_after_ingest``, in which case it is removed only after its spool copy or its
-quarantined copy is durable, and only when it did not change while it was read. A writer that
-pauses longer than ``settle_seconds`` has its partial file quarantined as truncated (and, with
-``delete_after_ingest``, removed): set the settle time above the longest pause of the senders.
+Files present when the watcher starts (dropped while the daemon was down) are found by a scan at
+start; a slower periodic rescan catches anything whose file system event was lost. What was read
+(path, size, modification time, ingested or refused) is kept in the job store, so a restart does
+not read a kept file again, nor quarantine a kept bad file a second time, unless it changed.
+Hidden files (``.name``, the usual form of a partial copy), ``*.tmp``/``*.part`` and
+``DICOMDIR`` are left alone. Refused files are quarantined with their reason by the spool; the
+original stays unless ``delete_after_ingest``, in which case it is removed only after its spool
+copy or its quarantined copy is durable, and only when it did not change while it was read. A
+writer that pauses longer than ``settle_seconds`` has its partial file quarantined as truncated
+(and, with ``delete_after_ingest``, removed): set the settle time above the longest pause of the
+senders.
 """
 
 from __future__ import annotations
@@ -109,21 +109,19 @@ class FolderWatcher:
             observer.schedule(_Events(self, folder), str(folder.path), recursive=folder.recursive)
             observer.start()
             self._observers.append(observer)
+        # scan after the observers run, so a file dropped in between is seen by one of them;
         # files read before a restart are not read again unless they changed (a folder that
         # deletes what it ingested has every file it holds read, and then deleted)
         for folder in self.settings.watch:
-            read_before = self.store.watched_files(folder.path)
+            read_before = {Path(p): sig for p, sig in self.store.watched_files(folder.path).items()}
             if folder.delete_after_ingest:
-                self.store.forget_watched_files(Path(p) for p in read_before)
+                self.store.forget_watched_files(read_before)
+                self._scan(folder, folder.path)
                 continue
             with self._lock:
-                self._done.update((Path(p), sig) for p, sig in read_before.items())
-        # scan after the observers run, so a file dropped in between is seen by one of them
-        for folder in self.settings.watch:
+                self._done.update(read_before)
             seen = self._scan(folder, folder.path)
-            if folder.delete_after_ingest:
-                continue
-            gone = [Path(p) for p in self.store.watched_files(folder.path) if Path(p) not in seen]
+            gone = [path for path in read_before if path not in seen]
             if gone:
                 with self._lock:
                     for path in gone:
@@ -186,13 +184,14 @@ class FolderWatcher:
                 self._candidates[path] = _Candidate(folder, signature, time.monotonic())
         self._wake.set()
 
-    def _forget(self, path: Path) -> None:
-        """A file was deleted, moved away or changed: its next version is a new candidate."""
+    def _forget(self, path: Path, recorded: bool = True) -> None:
+        """A file was deleted, moved away or changed: its next version is a new candidate.
+        ``recorded``: whether the job store may hold that it was read."""
         with self._lock:
             self._candidates.pop(path, None)
             was_read = self._done.pop(path, None) is not None
         store = self.store
-        if was_read and store is not None:
+        if recorded and was_read and store is not None:
             try:
                 store.forget_watched_files([path])
             except Exception:
@@ -276,9 +275,7 @@ class FolderWatcher:
                 pass
             except OSError as exc:
                 log.error("cannot delete %s after ingest: %s", path, exc)
-            with self._lock:  # gone: nothing to remember
-                self._candidates.pop(path, None)
-                self._done.pop(path, None)
+            self._forget(path, recorded=False)  # gone, and never recorded
             return
         try:
             self.store.remember_watched_file(path, *signature, outcome)

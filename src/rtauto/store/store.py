@@ -452,8 +452,12 @@ class Store:
         """The files under ``folder`` the folder watcher has read: path -> (size, mtime_ns)."""
         prefix = str(folder).rstrip("/") + "/"
         with self.session() as s:
-            rows = s.execute(select(WatchedFile.path, WatchedFile.size, WatchedFile.mtime_ns))
-            return {path: (size, mtime) for path, size, mtime in rows if path.startswith(prefix)}
+            rows = s.execute(
+                select(WatchedFile.path, WatchedFile.size, WatchedFile.mtime_ns).where(
+                    WatchedFile.path.startswith(prefix, autoescape=True)
+                )
+            )
+            return {path: (size, mtime) for path, size, mtime in rows}
 
     def remember_watched_file(self, path: Path, size: int, mtime_ns: int, outcome: str) -> None:
         """Record that a watch-folder file with this size and modification time was read."""
