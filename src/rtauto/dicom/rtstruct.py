@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import ImplicitVRLittleEndian, RTStructureSetStorage
-from skimage.measure import find_contours, points_in_poly
+from skimage.measure import points_in_poly
 
 from rtauto.dicom.geometry import GeometryError, Volume
 from rtauto.uids import new_uid
@@ -43,6 +43,7 @@ __all__ = [
     "Structure",
     "StructureSetInfo",
     "mask_to_polygons",
+    "slice_polygons",
     "read_rtstruct",
     "write_rtstruct",
 ]
@@ -111,20 +112,132 @@ class StructureSetInfo:
 # --------------------------------------------------------------------------------------------
 
 
-def _drop_collinear(points: np.ndarray) -> np.ndarray:
-    """Remove vertices lying on the straight line through their neighbours (closed polygon)."""
-    prev = np.roll(points, 1, axis=0)
-    nxt = np.roll(points, -1, axis=0)
-    cross = (points[:, 0] - prev[:, 0]) * (nxt[:, 1] - prev[:, 1]) - (points[:, 1] - prev[:, 1]) * (
-        nxt[:, 0] - prev[:, 0]
+def _cell_segments() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Marching-squares table for a binary image at the 0.5 iso-line.
+
+    A cell is a 2x2 block of pixels with corners TL=1, TR=2, BR=4, BL=8 (its case is the sum
+    of the inside corners); its edges are 0 top, 1 right, 2 bottom, 3 left, and a contour
+    crosses an edge at its midpoint where the edge's two pixels differ. Returns, per case, the
+    number of segments (0-2) and each segment's entry and exit edge, directed so that the
+    inside lies on the same side of every segment: segments then chain head to tail into
+    closed polygons, outer boundaries and holes turning opposite ways. In the two saddle
+    cases the inside corners are cut off one by one (inside pixels connect through faces,
+    outside pixels also through corners), as skimage's ``find_contours`` does by default.
+    """
+    corner = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])  # (x, y)
+    middle = np.array([[0.5, 0.0], [1.0, 0.5], [0.5, 1.0], [0.0, 0.5]])
+    ends = [(0, 1), (1, 2), (2, 3), (3, 0)]  # the corners of each edge
+    count = np.zeros(16, dtype=np.int64)
+    entry = np.zeros((16, 2), dtype=np.int64)
+    exit_ = np.zeros((16, 2), dtype=np.int64)
+    for case in range(16):
+        inside = [(case >> i) & 1 for i in range(4)]
+        crossed = [e for e, (a, b) in enumerate(ends) if inside[a] != inside[b]]
+        if len(crossed) == 4:
+            pairs = [(3, 0), (1, 2)] if inside[0] else [(0, 1), (2, 3)]
+        else:
+            pairs = [(crossed[0], crossed[1])] if crossed else []
+        for s, (e1, e2) in enumerate(pairs):
+            a, b = ends[e1]
+            f = corner[a] if inside[a] else corner[b]
+            p, d = middle[e1], middle[e2] - middle[e1]
+            if d[0] * (f[1] - p[1]) - d[1] * (f[0] - p[0]) < 0:
+                e1, e2 = e2, e1
+            entry[case, s], exit_[case, s] = e1, e2
+        count[case] = len(pairs)
+    return count, entry, exit_
+
+
+_SEGMENTS, _ENTRY, _EXIT = _cell_segments()
+
+
+def _trace(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every closed contour of a boolean mask (slices, rows, columns), all slices at once.
+
+    Returns ``points`` (N, 2) as (column, row) pixel coordinates, the polygons one after the
+    other with vertices on straight runs dropped, ``starts`` (P + 1) where each polygon begins
+    in ``points`` (and the end), and ``slices`` (P), the slice of each polygon; polygons come
+    slice by slice. The tracing is vectorised: the cells a contour crosses are found with
+    array operations over the mask's bounding box, their segments chained by pointer doubling
+    (each vertex is the start of one segment and the end of one other).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    empty = np.zeros((0, 2)), np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    rows = np.flatnonzero(mask.any(axis=(0, 2)))
+    if not rows.size:
+        return empty
+    cols = np.flatnonzero(mask.any(axis=(0, 1)))
+    r0, c0 = int(rows[0]), int(cols[0])
+    # traced on the bounding box only (a small organ on a 512x512 slice), padded with outside
+    box = np.pad(mask[:, r0 : int(rows[-1]) + 1, c0 : int(cols[-1]) + 1], ((0, 0), (1, 1), (1, 1)))
+    depth, height, width = box.shape
+    u = box.view(np.uint8)
+    # a cell is named by its top-left pixel (the last row and column start no cell)
+    cases = np.zeros(box.shape, dtype=np.uint8)
+    top_left, top_right, bottom_right, bottom_left = (
+        u[:, :-1, :-1],
+        u[:, :-1, 1:],
+        u[:, 1:, 1:],
+        u[:, 1:, :-1],
     )
-    keep = np.abs(cross) > 1e-9
-    return points[keep] if keep.sum() >= 3 else points
-
-
-def _signed_area(points: np.ndarray) -> float:
-    x, y = points[:, 0], points[:, 1]
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+    cases[:, :-1, :-1] = top_left | top_right << 1 | bottom_right << 2 | bottom_left << 3
+    flat = cases.ravel()
+    cells = np.flatnonzero((flat != 0) & (flat != 15))
+    case = flat[cells]
+    second = np.flatnonzero(_SEGMENTS[case] == 2)  # saddles hold two segments
+    cell = np.concatenate([cells, cells[second]])
+    case = np.concatenate([case, case[second]])
+    slot = np.repeat([0, 1], [len(cells), len(second)])
+    # a vertex is named 2 * pixel + 0 for the edge right of that pixel, + 1 for the edge below
+    edge_pixel = np.array([0, 1, width, 0])  # top: TL, right: TR, bottom: BL, left: TL
+    edge_kind = np.array([0, 1, 0, 1])
+    entry, exit_ = _ENTRY[case, slot], _EXIT[case, slot]
+    start = 2 * (cell + edge_pixel[entry]) + edge_kind[entry]
+    end = 2 * (cell + edge_pixel[exit_]) + edge_kind[exit_]
+    order = np.argsort(start)
+    start, end = start[order], end[order]
+    following = np.searchsorted(start, end)  # the segment that goes on from each one
+    n = len(start)
+    index = np.arange(n)
+    # each polygon is named by its smallest segment: the minimum over 1, 2, 4, ... segments
+    # ahead, until a doubling changes nothing (then it holds for the whole cycle)
+    label, ahead = index, following
+    while True:
+        smaller = np.minimum(label, label[ahead])
+        if np.array_equal(smaller, label):
+            break
+        label, ahead = smaller, ahead[ahead]
+    # steps from each segment to its polygon's first one (list ranking by pointer jumping)
+    first = label == index
+    steps = (~first).astype(np.int64)
+    jump = np.where(first, index, following)
+    while True:
+        further = jump[jump]
+        if np.array_equal(further, jump):
+            break
+        steps = steps + steps[jump]
+        jump = further
+    order = np.lexsort((-steps, label))  # each polygon in its own order, from its first segment
+    vertex, label = start[order], label[order]
+    begins = np.flatnonzero(np.r_[True, label[1:] != label[:-1]])
+    pixel, kind = vertex >> 1, vertex & 1
+    x = pixel % width + 0.5 * (1 - kind) + (c0 - 1)
+    y = (pixel // width) % height + 0.5 * kind + (r0 - 1)
+    points = np.column_stack([x, y])
+    slices = pixel[begins] // (height * width)
+    # drop vertices on the straight line through their neighbours (the cross product is exact:
+    # coordinates are multiples of 0.5)
+    stops = np.r_[begins[1:], n]
+    length = stops - begins
+    polygon = np.repeat(np.arange(len(begins)), length)
+    position = np.arange(n) - begins[polygon]
+    before = begins[polygon] + (position - 1) % length[polygon]
+    after = begins[polygon] + (position + 1) % length[polygon]
+    a, b = points - points[before], points[after] - points[before]
+    keep = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0] != 0
+    # every traced polygon keeps at least 4 corners (a single pixel gives a diamond)
+    kept = np.add.reduceat(keep.astype(np.int64), begins)
+    return points[keep], np.r_[0, np.cumsum(kept)], slices
 
 
 def _keyhole(polygons: list[np.ndarray]) -> list[np.ndarray]:
@@ -156,23 +269,23 @@ def mask_to_polygons(mask2d: np.ndarray, *, keyhole: bool = False) -> list[np.nd
 
     Outer boundaries and holes come as separate polygons (even-odd) unless ``keyhole``.
     """
-    rows = np.flatnonzero(mask2d.any(axis=1))
-    if not rows.size:
-        return []
-    cols = np.flatnonzero(mask2d.any(axis=0))
-    r0, c0 = int(rows[0]), int(cols[0])
-    # traced on the mask's bounding box only (a small organ on a 512x512 slice)
-    box = mask2d[r0 : int(rows[-1]) + 1, c0 : int(cols[-1]) + 1]
-    padded = np.pad(box.astype(np.float32), 1)
-    offset = np.array([c0 - 1.0, r0 - 1.0])
-    polygons = []
-    for contour in find_contours(padded, 0.5):
-        # Closed contours repeat their first point last; drop it, undo box and padding, (x, y).
-        points = contour[:-1, ::-1] + offset
-        points = _drop_collinear(points)
-        if len(points) >= 3 and abs(_signed_area(points)) > 0:
-            polygons.append(points)
-    return _keyhole(polygons) if keyhole else polygons
+    return [polygon for _, polygon in slice_polygons(np.asarray(mask2d)[None], keyhole=keyhole)]
+
+
+def slice_polygons(mask: np.ndarray, *, keyhole: bool = False) -> list[tuple[int, np.ndarray]]:
+    """``(slice, polygon)`` for every contour of a mask (slices, rows, columns), slice by slice;
+    polygons (N, 2) as (column, row) pixel coordinates, holes separate unless ``keyhole``."""
+    points, starts, slices = _trace(mask)
+    polygons = [
+        (k, points[a:b])
+        for k, a, b in zip(slices.tolist(), starts[:-1].tolist(), starts[1:].tolist(), strict=True)
+    ]
+    if not keyhole:
+        return polygons
+    spliced: list[tuple[int, np.ndarray]] = []
+    for k in dict.fromkeys(k for k, _ in polygons):
+        spliced.extend((k, polygon) for polygon in _keyhole([p for j, p in polygons if j == k]))
+    return spliced
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +299,8 @@ def _contour_data_element(points: np.ndarray) -> RawDataElement:
     Built raw because pydicom would validate every value of every contour one by one;
     Implicit VR keeps the 32-bit value length a long contour may need.
     """
-    return _raw(_CONTOUR_DATA, "DS", "\\".join(f"{v:.3f}" for v in np.round(points, 3).ravel()))
+    values = np.round(points, 3).ravel().tolist()  # Python floats format faster than numpy's
+    return _raw(_CONTOUR_DATA, "DS", "\\".join(map("{:.3f}".format, values)))
 
 
 def _raw(tag: int, vr: str, text: str, pad: bytes = b" ") -> RawDataElement:
@@ -341,20 +455,23 @@ def write_rtstruct(
     number = 0
     for structure in structures:
         number = structure.number or number + 1
-        slices_with_contours = []
         contour_sequence = DicomSequence()
-        for k in np.flatnonzero(structure.mask.any(axis=(1, 2))).tolist():
-            for polygon in mask_to_polygons(structure.mask[k], keyhole=keyhole):
-                ijk = np.column_stack([polygon, np.full(len(polygon), float(k))])
+        polygons = slice_polygons(structure.mask, keyhole=keyhole)
+        if polygons:
+            # every point of the structure mapped through the affine at once
+            counts = [len(polygon) for _, polygon in polygons]
+            slices = np.repeat([k for k, _ in polygons], counts)
+            ijk = np.column_stack([np.concatenate([p for _, p in polygons]), slices])
+            patient = np.split(volume.index_to_patient(ijk), np.cumsum(counts)[:-1])
+            for (k, _), points in zip(polygons, patient, strict=True):
                 contour_sequence.append(
                     _contour_item(
                         image_classes[k],
                         volume.sop_instance_uids[k],
                         len(contour_sequence) + 1,
-                        volume.index_to_patient(ijk),
+                        points,
                     )
                 )
-                slices_with_contours.append(k)
         if not contour_sequence and drop_empty:
             log.info("structure %s is empty and is left out", structure.name)
             continue
