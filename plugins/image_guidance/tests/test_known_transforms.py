@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from rtauto_image_guidance.couch import couch_shift
 from rtauto_image_guidance.io import SeriesImage, read_series
@@ -179,3 +180,56 @@ def test_couch_shift_from_images(tmp_path, planning, position: str) -> None:
     assert shift["pitch_deg"] == pytest.approx(0.0, abs=0.2)
     assert shift["yaw_deg"] == pytest.approx(0.0, abs=0.2)
     assert result.outputs["outcome"] == "flag"  # 6 mm is beyond the 3 mm default action level
+
+
+def test_couch_rotations_turn_about_the_plans_isocentre(tmp_path, planning, test_data) -> None:
+    """The real RT Ion Plan's isocentre is found in the job's input and the couch shift is
+    written about it: anatomy turned 3 degrees about that isocentre needs a pure rotation,
+    while about the centre of the daily field of view it would read as a translation too."""
+    files, plan, _ = planning
+    plan_file = next((test_data / "dcpt-headphantom" / "study").glob("RN*.dcm"))
+    ion_plan = pydicom.dcmread(plan_file)  # read here independently of the step
+    plan_iso = np.array(
+        [float(v) for v in ion_plan.IonBeamSequence[0].IonControlPointSequence[0].IsocenterPosition]
+    )
+    # the daily field of view centred 30 mm left of and 20 mm behind the isocentre
+    view_center = plan_iso + np.array([30.0, 20.0, 0.0])
+    displacement = euler(plan_iso, (0.0, 0.0, 3.0), (0.0, 0.0, 0.0))  # planned -> daily
+    daily = simulate_daily(
+        plan.image,
+        displacement.GetInverse(),
+        center=view_center,
+        size=(180, 180, 70),
+        spacing=(1.0, 1.0, 2.0),
+        rng=np.random.default_rng(3),
+    )
+    written = write_image_series(
+        daily, tmp_path / "daily", patient_id=plan.patient_id, series_description="CBCT daily"
+    )
+    inputs = [input_series(files), input_series([plan_file]), input_series(written.files)]
+    params = {
+        "reference": {"rule": "input", "series_description": "(?i)^(?!cbct)"},
+        "daily_description": "(?i)cbct",
+    }
+    ctx = make_context(tmp_path, inputs, patient_id=plan.patient_id)
+    result = register_images(ctx, RegisterParams(isocenter_from="plan", **params))
+    source = result.outputs["isocenter_source"]
+    assert source["source"] == "plan (input)"
+    assert source["plan_sop_instance_uid"] == str(ion_plan.SOPInstanceUID)
+    assert result.outputs["isocenter_mm"] == pytest.approx(plan_iso.tolist(), abs=1e-3)
+    shift = result.outputs["couch_shift"]
+    assert shift["roll_deg"] == pytest.approx(-3.0, abs=0.2)
+    for axis in ("lateral_mm", "longitudinal_mm", "vertical_mm"):
+        assert shift[axis] == pytest.approx(0.0, abs=0.4), (axis, shift)
+
+    # about the daily image's centre the same correction carries a translation of
+    # |(R - I)(centre - isocentre)| = 2 sin(1.5 deg) * 36 mm = 1.9 mm
+    ctx = make_context(tmp_path, inputs, patient_id=plan.patient_id)
+    centred = register_images(ctx, RegisterParams(isocenter_from="image_center", **params))
+    assert centred.outputs["isocenter_source"] == {"source": "image_center"}
+    moved = centred.outputs["couch_shift"]
+    lever = np.linalg.norm((view_center - plan_iso)[:2])
+    expected = 2 * np.sin(np.radians(1.5)) * lever
+    translation = np.hypot(moved["lateral_mm"], moved["vertical_mm"])
+    print(f"about the plan isocentre: {shift}; about the image centre: {moved}")
+    assert translation == pytest.approx(expected, abs=0.4)

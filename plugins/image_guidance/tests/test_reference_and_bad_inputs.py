@@ -287,3 +287,87 @@ def test_unsupported_patient_position_fails_before_registering(tmp_path: Path) -
     with pytest.raises(StepFailed, match="HFDL"):
         register_images(ctx, RegisterParams(daily_description="CBCT"))
     assert not ctx.artifacts
+
+
+def _plan_with_beams(
+    folder: Path, frame_uid: str, isocentres: list[tuple[float, float, float]], label: str
+) -> Path:
+    """An RT Plan whose treatment beams sit at ``isocentres``, plus a setup beam elsewhere
+    (a setup beam's isocentre is not the treatment one)."""
+    ds = pydicom.Dataset()
+    ds.SOPInstanceUID = new_uid()
+    ds.PatientID = PATIENT
+    ds.Modality = "RTPLAN"
+    ds.StudyInstanceUID = new_uid()
+    ds.SeriesInstanceUID = new_uid()
+    ds.FrameOfReferenceUID = frame_uid
+    ds.RTPlanLabel = label
+    beams = []
+    for number, (iso, kind) in enumerate(
+        [(iso, "TREATMENT") for iso in isocentres] + [((99.0, 99.0, 99.0), "SETUP")], start=1
+    ):
+        point = pydicom.Dataset()
+        point.ControlPointIndex = 0
+        point.IsocenterPosition = [f"{v:.1f}" for v in iso]
+        beam = pydicom.Dataset()
+        beam.BeamNumber = number
+        beam.TreatmentDeliveryType = kind
+        beam.ControlPointSequence = DicomSequence([point])
+        beams.append(beam)
+    ds.BeamSequence = DicomSequence(beams)
+    path = folder / f"{label}.dcm"
+    _save(ds, path, "1.2.840.10008.5.1.4.1.1.481.5")
+    return path
+
+
+def test_plan_isocentre_from_the_store_and_the_fallback(tmp_path: Path, store_setup) -> None:
+    """The couch rotates about the treatment isocentre of the patient's plan in the job store;
+    without one, ``auto`` uses the daily image's centre and says why, ``plan`` fails before
+    registering; two plans with different isocentres are ambiguous."""
+    home, url, planned, _ = store_setup
+    daily, daily_input = _daily(tmp_path, shift=(8.0, -4.0, 4.0))
+    fast = {"resolution_mm": 4.0}
+
+    def run(**params):
+        ctx = make_context(tmp_path, [daily_input], patient_id=PATIENT, store_url=url, home=home)
+        return ctx, register_images(ctx, RegisterParams(**fast, **params))
+
+    # the store's plan has no beams
+    _, result = run()
+    assert result.outputs["isocenter_source"]["source"] == "image_center"
+    assert "no treatment plan with an isocentre" in result.outputs["isocenter_source"]["why"]
+    assert result.outputs["isocenter_mm"] == pytest.approx(
+        read_series(daily.files).center().tolist(), abs=1e-3
+    )
+    with pytest.raises(StepFailed, match="no treatment plan with an isocentre"):
+        run(isocenter_from="plan")
+
+    store = Store(url)
+    spool = home / "spool"
+    first = _plan_with_beams(
+        spool / "beams", planned.frame_of_reference_uid, [(10.0, -20.0, 30.0)] * 2, "ONE"
+    )
+    _index(store, spool, [first], time.time())
+    _, result = run(isocenter_from="plan")
+    source = result.outputs["isocenter_source"]
+    assert source["source"] == "plan (store)" and source["plan_label"] == "ONE"
+    assert source["plan_sop_instance_uid"] == str(pydicom.dcmread(first).SOPInstanceUID)
+    assert result.outputs["isocenter_mm"] == [10.0, -20.0, 30.0]
+    # the translation the phantom's displacement needs does not depend on the isocentre
+    assert result.outputs["couch_shift"]["lateral_mm"] == pytest.approx(-8.0, abs=0.5)
+    # an explicit isocentre wins over the plan's
+    _, result = run(isocenter_mm=(1.0, 2.0, 3.0))
+    assert result.outputs["isocenter_source"] == {"source": "parameter"}
+
+    second = _plan_with_beams(
+        spool / "beams", planned.frame_of_reference_uid, [(40.0, -20.0, 30.0)], "TWO"
+    )
+    _index(store, spool, [second], time.time())
+    store.close()
+    ctx = make_context(tmp_path, [daily_input], patient_id=PATIENT, store_url=url, home=home)
+    with pytest.raises(StepFailed, match="2 isocentres .*ONE.*TWO|2 isocentres .*TWO.*ONE"):
+        register_images(ctx, RegisterParams(isocenter_from="plan", **fast))
+    assert not ctx.artifacts
+    _, result = run()
+    assert result.outputs["isocenter_source"]["source"] == "image_center"
+    assert "name one with isocenter_mm" in result.outputs["isocenter_source"]["why"]

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from rtauto_image_guidance.couch import couch_shift, patient_to_iec
 from rtauto_image_guidance.io import SeriesImage, read_series
+from rtauto_image_guidance.isocenter import IsocenterFrom, choose_isocenter
 from rtauto_image_guidance.reference import ReferenceRule, choose_daily, resolve_reference
 from rtauto_image_guidance.registration import (
     RigidSettings,
@@ -92,7 +93,17 @@ class RegisterParams(_Strict):
         None, description="regular expression picking the image of the day among the input"
     )
     isocenter_mm: tuple[float, float, float] | None = Field(
-        None, description="treatment isocentre in patient coordinates; default: daily image centre"
+        None,
+        description="treatment isocentre in patient coordinates (couch rotations turn about "
+        "it); when given, isocenter_from is not used",
+    )
+    isocenter_from: IsocenterFrom = Field(
+        "auto",
+        description="where the isocentre comes from without isocenter_mm: plan = the "
+        "IsocenterPosition of the patient's RT (Ion) Plan on the reference's Frame of "
+        "Reference (job input, else job store; the step fails without a single one); "
+        "image_center = the centre of the image of the day; auto = plan when found, else "
+        "image_center (the report says which and why)",
     )
     couch_shift: bool = Field(True, description="compute the IEC 61217 couch shift")
     smoothing_mm: float = Field(
@@ -108,6 +119,9 @@ REGISTER_OUTPUTS = {
     "quality": "similarity before/after, overlap, inverse consistency, Jacobian range",
     "flags": "why the outcome is flag",
     "reference_series_uid": "the reference series found",
+    "isocenter_mm": "the point couch rotations turn about (patient coordinates)",
+    "isocenter_source": "where it came from: parameter, plan (input|store) with the plan's "
+    "SOP Instance UID and label, or image_center (with why no plan isocentre was used)",
 }
 
 
@@ -155,10 +169,13 @@ def register_images(ctx: StepContext, params: RegisterParams) -> StepResult:
     if params.couch_shift:
         # an unsupported patient position fails before the registration work, not after
         patient_to_iec(daily.patient_position)
-    isocenter = (
-        np.asarray(params.isocenter_mm, float)
-        if params.isocenter_mm is not None
-        else daily.center()
+    isocenter, isocenter_source = choose_isocenter(
+        ctx,
+        params.isocenter_from,
+        params.isocenter_mm,
+        reference.frame_of_reference_uid,
+        daily.patient_id,
+        daily.center(),
     )
     settings = RigidSettings(
         metric=params.metric,
@@ -286,6 +303,7 @@ def register_images(ctx: StepContext, params: RegisterParams) -> StepResult:
         "reference_series_uid": reference.series_instance_uid,
         "reference_found_by": reference_choice.found_by,
         "isocenter_mm": [round(float(v), 3) for v in isocenter],
+        "isocenter_source": isocenter_source,
     }
     if "report" in params.outputs:
         report = {
