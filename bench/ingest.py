@@ -7,7 +7,12 @@ dcmtk ``storescu`` pushes a synthetic CT series (``--slices`` slices of 512x512,
 * rtauto: :class:`rtauto.ingest.scp.StorageSCP` with its durable writes (fdatasync + folder
   fsync before success) and one job-store row per instance (committed in the background);
 * dcmtk ``storescp`` (one association) and ``storescp --fork`` (4 associations);
-* Orthanc.
+* Orthanc;
+* as context, not a target: ``storescp`` made durable like rtauto by an ``LD_PRELOAD`` shim
+  (``bench/durable_writes.c``, built with gcc into ``.bench/``; left out without gcc) that
+  flushes every file it writes and its folder before the C-STORE is answered. The figures
+  against plain storescp compare rtauto's durable writes with writes left in the page cache;
+  this one shows what the durability itself costs a C receiver on the same machine.
 
 dcmtk servers, Orthanc and the ``storescu`` senders run with ``TCP_NODELAY=1``
 (:func:`rtauto.testing.nodelay_env`): a receiver that delays its ACKs otherwise waits on the
@@ -79,18 +84,35 @@ def rtauto_target(work: Path, processes: int) -> Iterator[Receiver]:
 
 
 @contextmanager
-def storescp_target(work: Path, fork: bool) -> Iterator[Receiver]:
+def storescp_target(work: Path, fork: bool, preload: Path | None = None) -> Iterator[Receiver]:
     out = work / "storescp"
     out.mkdir(parents=True)
     port = free_port()
     cmd = ["storescp", *(["--fork"] if fork else []), "-od", str(out), str(port)]
-    process = subprocess.Popen(cmd, env=nodelay_env(), stdout=subprocess.DEVNULL)
+    env = nodelay_env()
+    if preload is not None:
+        env["LD_PRELOAD"] = str(preload)
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     try:
         wait_for_port(port)
         yield port, "STORESCP", lambda: sum(1 for _ in out.iterdir())
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+def durable_writes_shim() -> Path | None:
+    """``bench/durable_writes.c`` built into ``.bench/`` (None where gcc is missing)."""
+    source = Path(__file__).with_name("durable_writes.c")
+    built = CACHE / "durable_writes.so"
+    if built.exists() and built.stat().st_mtime >= source.stat().st_mtime:
+        return built
+    if shutil.which("gcc") is None:
+        return None
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-O2", "-o", str(built), str(source), "-ldl"], check=True
+    )
+    return built
 
 
 @contextmanager
@@ -246,6 +268,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("storescp", storescp),
         ("orthanc", orthanc),
     ]
+    shim = durable_writes_shim()
+    if shim is not None:
+
+        def durable_storescp(work: Path, associations: int) -> AbstractContextManager[Receiver]:
+            return storescp_target(work, fork=associations > 1, preload=shim)
+
+        targets.append(("storescp, durable", durable_storescp))
+    else:
+        print("gcc not found: storescp with durable writes is left out", flush=True)
     results: dict[tuple[str, int], list[float]] = {}
     print(
         f"{len(files)} CT slices 512x512, {args.rounds} round(s), "
@@ -260,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 measure(name, target, files, associations, results)
         # context, not a target: a sender that keeps Nagle's algorithm on, as many do
         for name, target in order:
-            if name != "orthanc":
+            if name in ("rtauto", "storescp"):
                 measure(name, target, files, 1, results, nodelay=False)
 
     def median(name: str, associations: int | str) -> float:
@@ -305,6 +336,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{median('rtauto', 'nagle'):.1f} images/s, storescp {median('storescp', 'nagle'):.1f}"
         f" ({statistics.median(nagle):.2f}x; storescp waits on delayed ACKs, rtauto does not)"
     )
+    if shim is not None:
+        for associations in (1, CONCURRENCY):
+            durable = results[("storescp, durable", associations)]
+            ours = [a / b for a, b in zip(results[("rtauto", associations)], durable, strict=True)]
+            cost = [
+                a / b for a, b in zip(durable, results[("storescp", associations)], strict=True)
+            ]
+            print(
+                f"  context, storescp{' --fork' if associations > 1 else ''} with durable writes "
+                f"(LD_PRELOAD), {associations} assoc: {statistics.median(durable):.1f} images/s, "
+                f"{statistics.median(cost):.2f}x plain storescp; rtauto / it: "
+                f"{statistics.median(ours):.2f}x"
+            )
     try:
         latency = measure_job_start_latency()
         print(f"median job start latency beyond the quiet period: {latency:.2f} s")
