@@ -35,6 +35,21 @@ destinations:
 """
 
 
+def count_workflow(quiet: str, source: str | None = None) -> str:
+    """A workflow that runs one no-op step per CT series (the job is what is counted), for
+    series from ``source`` (scp or folder) or from both."""
+    where = f", source: {source}" if source else ""
+    return f"""\
+name: count-ct
+trigger: {{modality: CT{where}}}
+completion: {{series_quiet: {quiet}}}
+steps:
+  - id: count
+    uses: site.sleep
+    with: {{seconds: 0}}
+"""
+
+
 def test_push_runs_the_workflow_once_and_delivers_to_orthanc(daemon_factory, orthanc, tmp_path):
     series = write_ct_series(tmp_path / "ct", rows=96, cols=96, slices=110)
     daemon = daemon_factory()
@@ -68,15 +83,7 @@ def test_folder_drop_written_slowly_is_processed_once(daemon_factory, tmp_path):
     daemon = daemon_factory({"watch": [{"path": str(drop), "settle_seconds": 1.0}]})
     daemon.add_workflow(
         "count",
-        """\
-name: count-ct
-trigger: {modality: CT, source: folder}
-completion: {series_quiet: 2s}
-steps:
-  - id: count
-    uses: site.sleep
-    with: {seconds: 0}
-""",
+        count_workflow("2s", source="folder"),
     )
     daemon.start()
     series = write_ct_series(tmp_path / "ct", rows=64, cols=64, slices=12)
@@ -117,15 +124,7 @@ def test_kill9_during_a_push_loses_no_acknowledged_instance(daemon_factory, tmp_
     daemon = daemon_factory()
     daemon.add_workflow(
         "count",
-        """\
-name: count-ct
-trigger: {modality: CT}
-completion: {series_quiet: 3s}
-steps:
-  - id: count
-    uses: site.sleep
-    with: {seconds: 0}
-""",
+        count_workflow("3s"),
     )
     daemon.start()
     proc = subprocess.Popen(
@@ -356,15 +355,7 @@ def test_dashboard_api_and_metrics(daemon_factory, tmp_path):
     daemon = daemon_factory({"web": {"enabled": True, "port": web_port}})
     daemon.add_workflow(
         "count",
-        """\
-name: count-ct
-trigger: {modality: CT}
-completion: {series_quiet: 1s}
-steps:
-  - id: count
-    uses: site.sleep
-    with: {seconds: 0}
-""",
+        count_workflow("1s"),
     )
     daemon.start()
     storescu(daemon.port, write_ct_series(tmp_path / "ct", rows=16, cols=16, slices=3).files)
