@@ -295,6 +295,113 @@ def run(
     raise typer.Exit(0 if summary["status"] == "ok" else 1)
 
 
+@app.command()
+def batch(
+    workflow: Annotated[Path, typer.Argument(help="workflow YAML file")],
+    cohort: Annotated[list[Path], typer.Argument(help="folders (or files) holding the cohort")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the cases and report")],
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="cases run at once")] = 2,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="STEP.PARAM=VALUE (YAML value) for this batch; repeatable"),
+    ] = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="run the cases that failed before again")
+    ] = False,
+    models: Annotated[
+        Path | None, typer.Option("--models", help="model registry folder (models_dir)")
+    ] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    log_level: Annotated[str, typer.Option("--log-level")] = "WARNING",
+) -> None:
+    """Run a workflow on every study of a cohort (resumable): progress, then a report in
+    OUT/runs/<workflow hash>/batch.csv and batch.json. Exits 1 when a case failed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from rtauto.batch import load_batch_workflow, run_batch, run_folder
+    from rtauto.uids import set_uid_root
+
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    settings = _settings(config, out / ".rtauto")
+    settings = settings.model_copy(
+        update={
+            "scp": settings.scp.model_copy(update={"enabled": False}),
+            "executor": settings.executor.model_copy(update={"workers": jobs}),
+            **({"models_dir": models.resolve()} if models else {}),
+        }
+    )
+    _logging(log_level)
+    set_uid_root(settings.uid_root)
+    host = _host(settings)
+    for name, reason in host.failures.items():
+        typer.echo(
+            f"warning: plugin {name} is disabled: {reason.strip().splitlines()[-1]}", err=True
+        )
+    try:
+        loaded = load_batch_workflow(
+            workflow, overrides or [], host.steps, destinations=set(settings.destinations)
+        )
+    except (WorkflowError, ValueError) as exc:
+        _die("\n".join(exc.problems) if isinstance(exc, WorkflowError) else str(exc))
+    columns = (
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        "{task.fields[note]}",
+    )
+    with Progress(*columns, transient=as_json, disable=as_json) as progress:
+        reading = progress.add_task("reading files", total=None, note="")
+        cases = progress.add_task("cases", total=None, note="", visible=False)
+
+        def on_ingest(done: int, total: int) -> None:
+            progress.update(reading, completed=done, total=total)
+
+        def on_progress(finished: int, ok: int, total: int) -> None:
+            failed = finished - ok
+            progress.update(
+                cases,
+                completed=finished,
+                total=total,
+                visible=True,
+                note=f"{ok} ok, {failed} failed" if failed else f"{ok} ok",
+            )
+
+        try:
+            report = run_batch(
+                settings,
+                host,
+                loaded,
+                cohort,
+                out,
+                overrides=overrides or [],
+                retry_failed=retry_failed,
+                on_ingest=on_ingest,
+                on_progress=on_progress,
+            )
+        except FileNotFoundError as exc:
+            _die(f"rtauto batch: {exc}")
+            raise  # unreachable
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2, default=str))
+    else:
+        for row in report.rows:
+            why = f"  {row['failed_step']}: {row['error']}" if row["status"] != "ok" else ""
+            note = " (done before)" if row["resumed"] == "done" else ""
+            typer.echo(f"  {row['case']:<28} {row['status'].upper():<5}{note}{why}")
+        for item in report.refused:
+            typer.echo(f"  refused {item['file']}: {item['reason']} (quarantined)")
+        typer.echo(
+            f"{len(report.rows) - report.failed} of {len(report.rows)} cases ok in "
+            f"{report.seconds:.0f} s; report: {run_folder(out, loaded) / 'batch.csv'} (and .json)"
+        )
+    if not report.rows:
+        _die("rtauto batch: no DICOM study could be read from the cohort")
+    raise typer.Exit(1 if report.failed else 0)
+
+
 # --------------------------------------------------------------------------------------------
 # validate, schema, plugins
 # --------------------------------------------------------------------------------------------

@@ -557,6 +557,11 @@ class Store:
                 job = matches[0] if len(matches) == 1 else None
             return job
 
+    def job_by_dedupe_key(self, dedupe_key: str) -> Job | None:
+        """The job created under ``dedupe_key`` (see :meth:`create_job`), if any."""
+        with self.session() as s:
+            return s.scalar(select(Job).where(Job.dedupe_key == dedupe_key))
+
     def list_jobs(self, status: Iterable[str] | None = None, limit: int = 200) -> list[Job]:
         with self.session() as s:
             q = select(Job)
