@@ -227,22 +227,13 @@ def run(
     from rtauto.engine.engine import Engine
     from rtauto.ingest.assembler import create_job_for
     from rtauto.ingest.spool import Spool
-    from rtauto.uids import set_uid_root
     from rtauto.workflow import load_workflow
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    settings = _settings(config, home if home else (out / ".rtauto" if not config else None))
-    settings = settings.model_copy(
-        update={"scp": settings.scp.model_copy(update={"enabled": False})}
+    settings, host = _without_daemon(
+        config, home if home else (out / ".rtauto" if not config else None), log_level
     )
-    _logging(log_level)
-    set_uid_root(settings.uid_root)
-    host = _host(settings)
-    for name, reason in host.failures.items():
-        typer.echo(
-            f"warning: plugin {name} is disabled: {reason.strip().splitlines()[-1]}", err=True
-        )
     try:
         loaded = load_workflow(workflow, host.steps, known_destinations=set(settings.destinations))
     except WorkflowError as exc:
@@ -295,6 +286,35 @@ def run(
     raise typer.Exit(0 if summary["status"] == "ok" else 1)
 
 
+def _without_daemon(
+    config: Path | None,
+    home: Path | None,
+    log_level: str,
+    *,
+    workers: int | None = None,
+    models_dir: Path | None = None,
+) -> tuple[Settings, Any]:
+    """Settings (no SCP) and the plugin host for ``run`` and ``batch``; warns of plugins
+    that failed to load."""
+    from rtauto.uids import set_uid_root
+
+    settings = _settings(config, home)
+    update: dict[str, Any] = {"scp": settings.scp.model_copy(update={"enabled": False})}
+    if workers is not None:
+        update["executor"] = settings.executor.model_copy(update={"workers": workers})
+    if models_dir is not None:
+        update["models_dir"] = models_dir
+    settings = settings.model_copy(update=update)
+    _logging(log_level)
+    set_uid_root(settings.uid_root)
+    host = _host(settings)
+    for name, reason in host.failures.items():
+        typer.echo(
+            f"warning: plugin {name} is disabled: {reason.strip().splitlines()[-1]}", err=True
+        )
+    return settings, host
+
+
 @app.command()
 def batch(
     workflow: Annotated[Path, typer.Argument(help="workflow YAML file")],
@@ -320,25 +340,16 @@ def batch(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from rtauto.batch import load_batch_workflow, run_batch, run_folder
-    from rtauto.uids import set_uid_root
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    settings = _settings(config, out / ".rtauto")
-    settings = settings.model_copy(
-        update={
-            "scp": settings.scp.model_copy(update={"enabled": False}),
-            "executor": settings.executor.model_copy(update={"workers": jobs}),
-            **({"models_dir": models.resolve()} if models else {}),
-        }
+    settings, host = _without_daemon(
+        config,
+        out / ".rtauto",  # the batch's own state: what resuming reads
+        log_level,
+        workers=jobs,
+        models_dir=models.resolve() if models else None,
     )
-    _logging(log_level)
-    set_uid_root(settings.uid_root)
-    host = _host(settings)
-    for name, reason in host.failures.items():
-        typer.echo(
-            f"warning: plugin {name} is disabled: {reason.strip().splitlines()[-1]}", err=True
-        )
     try:
         loaded = load_batch_workflow(
             workflow, overrides or [], host.steps, destinations=set(settings.destinations)
