@@ -18,7 +18,8 @@ new model version uses:
   goes on from its last finished step, a failed case stays failed unless ``--retry-failed``;
 * the report, ``batch.json`` and ``batch.csv`` in the run folder, holds a row per case:
   patient, study, status, the step that failed and why, seconds, every step's outcome and
-  outputs, the outputs folder.
+  outputs, the files written; numbers a step puts in its ``metrics`` output (the Dice, surface
+  distances of ``autocontour.compare``) get a CSV column each.
 """
 
 from __future__ import annotations
@@ -310,9 +311,19 @@ def _row(case: Case, summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_report(report: BatchReport, out: Path) -> None:
+    """``batch.json`` and ``batch.csv``: a row per case; a step's ``metrics`` output (a flat
+    mapping of names to numbers, e.g. ``autocontour.compare``'s Dice) gets a column each."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "batch.json").write_text(json.dumps(report.to_json(), indent=2, default=str))
     step_ids = sorted({step for row in report.rows for step in row["steps"]})
+    metrics = sorted(
+        {
+            f"{step}:{name}"
+            for row in report.rows
+            for step, outputs in row["step_outputs"].items()
+            for name in (outputs or {}).get("metrics") or {}
+        }
+    )
     columns = [
         "case",
         "patient_id",
@@ -324,6 +335,7 @@ def _write_report(report: BatchReport, out: Path) -> None:
         "error",
         "seconds",
         *(f"step:{s}" for s in step_ids),
+        *metrics,
         "outputs",
         "job",
     ]
@@ -331,9 +343,11 @@ def _write_report(report: BatchReport, out: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in report.rows:
-            writer.writerow(
-                {
-                    **{k: row[k] for k in columns if k in row},
-                    **{f"step:{s}": row["steps"].get(s, "") for s in step_ids},
-                }
-            )
+            values = {k: row[k] for k in columns if k in row}
+            values.update((f"step:{s}", row["steps"].get(s, "")) for s in step_ids)
+            for column in metrics:
+                step, name = column.split(":", 1)
+                values[column] = ((row["step_outputs"].get(step) or {}).get("metrics") or {}).get(
+                    name, ""
+                )
+            writer.writerow(values)

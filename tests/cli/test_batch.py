@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from rtauto_autocontour.threshold import body_mask
 
 from rtauto.batch import apply_overrides
+from rtauto.dicom.geometry import load_series
+from rtauto.dicom.rtstruct import Structure, write_rtstruct
 from rtauto.testing import write_ct_series
 
 WORKFLOW = """\
@@ -21,6 +24,10 @@ steps:
   - id: body
     uses: autocontour.threshold
     with: {structures: [BODY], output: rtstruct}
+  - id: compare
+    uses: autocontour.compare
+    needs: [body]
+    with: {from: [body], match: {BODY: External}}
 """
 
 
@@ -47,12 +54,19 @@ def test_overrides_change_step_params_only() -> None:
 
 @pytest.fixture
 def cohort(tmp_path: Path) -> Path:
-    """Three CT studies (one missing a slice) and a file that is not DICOM."""
+    """Three CT studies, each with a reference RTSTRUCT (one missing a slice), and a file
+    that is not DICOM."""
     root = tmp_path / "cohort"
     for n in range(3):
-        write_ct_series(
+        series = write_ct_series(
             root / f"patient{n}", rows=48, cols=48, slices=12, patient_id=f"COHORT-{n}", seed=n
         )
+        volume = load_series(series.files)
+        # drawn by the threshold step's own rule: the report plumbing is under test here
+        external = Structure(
+            "External", body_mask(volume, -350.0, 4.0), interpreted_type="EXTERNAL"
+        )
+        write_rtstruct(volume, [external], root / f"patient{n}" / "RS.reference.dcm")
     broken = sorted((root / "patient2").glob("*.dcm"))
     broken[5].unlink()  # a gap in the series: the step must refuse it
     (root / "notes.txt").write_text("not DICOM")
@@ -78,7 +92,8 @@ def test_batch_runs_reports_resumes_retries_and_reruns_with_an_override(
     run = out / "runs" / report["workflow_hash"][:12]
     for patient in ("COHORT-0", "COHORT-1"):
         row = rows[patient]
-        assert row["status"] == "ok" and row["steps"] == {"body": "ok"} and row["files"] == 12
+        assert row["status"] == "ok" and row["steps"] == {"body": "ok", "compare": "ok"}
+        assert row["files"] == 13 and row["series"] == 2
         [written] = [Path(a) for a in row["artifacts"] if Path(a).name.startswith("RS.")]
         assert Path(row["outputs"]).parent == run and run / row["case"] in written.parents
         assert pydicom.dcmread(written).PatientID == patient
@@ -86,6 +101,9 @@ def test_batch_runs_reports_resumes_retries_and_reruns_with_an_override(
         table = list(csv.DictReader(handle))
     assert sorted(r["patient_id"] for r in table) == sorted(rows)
     assert {r["step:body"] for r in table} == {"ok", "fail"}
+    # the threshold BODY against the reference drawn by the same rule
+    dice = [float(r["compare:BODY.dice"]) for r in table if r["status"] == "ok"]
+    assert dice == [1.0, 1.0]
     assert json.loads((run / "batch.json").read_text())["rows"] == report["rows"]
 
     # the same command again: nothing runs twice
@@ -103,16 +121,17 @@ def test_batch_runs_reports_resumes_retries_and_reruns_with_an_override(
     assert by_patient["COHORT-0"]["job"] == rows["COHORT-0"]["job"]
 
     # an override is a new workflow version: a new run folder, every case run again
-    seg = json.loads(
+    wider = json.loads(
         batch(
-            str(workflow), str(cohort), "--out", str(out), "--set", "body.output=seg", "--json"
+            str(workflow), str(cohort), "--out", str(out), "--set", "body.opening_mm=8", "--json"
         ).stdout
     )
-    assert seg["overrides"] == ["body.output=seg"]
-    assert seg["workflow_hash"] != report["workflow_hash"]
-    assert not {row["job"] for row in seg["rows"]} & {row["job"] for row in report["rows"]}
-    ok = next(row for row in seg["rows"] if row["status"] == "ok")
-    assert [Path(a).name[:4] for a in ok["artifacts"]] == ["SEG."]
+    assert wider["overrides"] == ["body.opening_mm=8"]
+    assert wider["workflow_hash"] != report["workflow_hash"]
+    assert not {row["job"] for row in wider["rows"]} & {row["job"] for row in report["rows"]}
+    ok = next(row for row in wider["rows"] if row["status"] == "ok")
+    assert Path(ok["outputs"]).parent.name == wider["workflow_hash"][:12]
+    assert [Path(a).name.split(".")[0] for a in ok["artifacts"]] == ["RS", "compare"]
 
     refused = batch(str(workflow), str(cohort), "--out", str(out), "--set", "nope.x=1")
     assert refused.returncode == 2 and "no step 'nope'" in refused.stderr

@@ -12,7 +12,14 @@ import pydicom
 import pytest
 
 from rtauto.config import Settings
-from rtauto.steps import InputInstance, InputSeries, Provenance, StepContext, StudyInputs
+from rtauto.steps import (
+    InputInstance,
+    InputSeries,
+    PreviousStep,
+    Provenance,
+    StepContext,
+    StudyInputs,
+)
 from rtauto.testing import require_tool
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
@@ -41,30 +48,34 @@ def dciodvfy() -> Callable[[Path], list[str]]:
 
 
 def series_inputs(files: list[Path]) -> StudyInputs:
-    """StudyInputs of one series on disk, as the engine would build them."""
-    instances = []
-    first = None
+    """StudyInputs of the series the files on disk belong to, as the engine would build them."""
+    grouped: dict[str, tuple[pydicom.Dataset, list[InputInstance]]] = {}
     for path in files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        first = first or ds
+        first, instances = grouped.setdefault(str(ds.SeriesInstanceUID), (ds, []))
         instances.append(
             InputInstance(
                 str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.SeriesInstanceUID), path
             )
         )
-    assert first is not None
-    series = InputSeries(
-        series_instance_uid=str(first.SeriesInstanceUID),
-        study_instance_uid=str(first.StudyInstanceUID),
-        modality=str(first.Modality),
-        instances=tuple(instances),
+    assert grouped
+    series = tuple(
+        InputSeries(
+            series_instance_uid=uid,
+            study_instance_uid=str(first.StudyInstanceUID),
+            modality=str(first.Modality),
+            instances=tuple(instances),
+        )
+        for uid, (first, instances) in grouped.items()
     )
-    return StudyInputs(str(first.StudyInstanceUID), str(first.PatientID), (series,))
+    first = next(iter(grouped.values()))[0]
+    return StudyInputs(str(first.StudyInstanceUID), str(first.PatientID), series)
 
 
 @pytest.fixture
 def make_context(tmp_path: Path) -> Callable[..., StepContext]:
-    """``make_context(files, step_type=..., models_dir=...)``: a StepContext for one series."""
+    """``make_context(files, step_type=..., models_dir=..., previous=...)``: a StepContext
+    for the series of ``files``."""
 
     def make(
         files: list[Path],
@@ -72,6 +83,7 @@ def make_context(tmp_path: Path) -> Callable[..., StepContext]:
         step_type: str = "autocontour.segment",
         models_dir: Path = MODELS_DIR,
         name: str = "step",
+        previous: dict[str, PreviousStep] | None = None,
     ) -> StepContext:
         workdir = tmp_path / "jobs" / name / "work"
         workdir.mkdir(parents=True)
@@ -83,7 +95,7 @@ def make_context(tmp_path: Path) -> Callable[..., StepContext]:
             workdir=workdir,
             job_dir=workdir.parent,
             study=series_inputs(files),
-            previous={},
+            previous=previous or {},
             provenance=Provenance(
                 rtauto_version="0.1.0",
                 workflow_name="autocontour-ct",

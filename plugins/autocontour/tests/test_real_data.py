@@ -10,12 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
+from rtauto_autocontour.compare import CompareParams, run_compare
 from rtauto_autocontour.steps import ThresholdParams, run_threshold
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
 from rtauto.dicom.geometry import load_series
 from rtauto.dicom.rtstruct import read_rtstruct
+from rtauto.steps import PreviousStep
 
 
 def mean_surface_distance(a: np.ndarray, b: np.ndarray, spacing_zyx: tuple) -> float:
@@ -53,6 +56,17 @@ def test_threshold_body_on_the_head_phantom(test_data: Path, make_context, dciod
     distance = mean_surface_distance(ours.mask, clinical.mask, spacing_zyx)
     print(f"DCPT head phantom BODY: Dice {dice:.4f}, mean surface distance {distance:.2f} mm")
     assert dice >= 0.92
+
+    # the compare step gives the same figures for the same pair (BODY = the clinical BODY)
+    previous = {"body": PreviousStep("body", "ok", result.outputs, tuple(ctx.artifacts))}
+    clinical_rs = next(study.glob("RS*.dcm"))
+    compare_ctx = make_context(
+        [*ct_files, clinical_rs], step_type="autocontour.compare", name="cmp", previous=previous
+    )
+    figures = run_compare(compare_ctx, CompareParams()).outputs["structures"]["BODY"]
+    print(f"autocontour.compare: {figures}")
+    assert figures["dice"] == pytest.approx(dice, abs=1e-4)
+    assert figures["msd_mm"] == pytest.approx(distance, abs=1e-3)
     # Most of the distance comes from air layers between the support slabs that reach the
     # image edge: the clinical contour wraps them, an HU rule cannot know they are "inside".
     assert distance <= 10.0

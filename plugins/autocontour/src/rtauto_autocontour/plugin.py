@@ -7,6 +7,7 @@ from typing import Any
 
 from rtauto import hookimpl
 from rtauto_autocontour.backends import BUILTIN_BACKENDS
+from rtauto_autocontour.compare import COMPARE_STEP
 from rtauto_autocontour.steps import SEGMENT_STEP, THRESHOLD_STEP
 
 
@@ -14,6 +15,7 @@ from rtauto_autocontour.steps import SEGMENT_STEP, THRESHOLD_STEP
 def rtauto_register_steps(register: Callable[[Any], None]) -> None:
     register(SEGMENT_STEP)
     register(THRESHOLD_STEP)
+    register(COMPARE_STEP)
 
 
 @hookimpl

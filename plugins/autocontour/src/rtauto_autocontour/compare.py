@@ -1,0 +1,203 @@
+"""``autocontour.compare``: contours of earlier steps against a reference structure set.
+
+For researchers re-running a cohort with another model and for a clinic commissioning one:
+every structure an earlier step wrote (its RTSTRUCT artifacts) is compared with the ROI of
+the same name (or the one ``match`` names) in a reference RTSTRUCT among the job's inputs,
+typically the clinical structure set sent with the CT. Both are rasterised onto the CT's grid
+(pixel centres inside, even-odd), then:
+
+* **Dice** = 2 |A & B| / (|A| + |B|);
+* **mean surface distance** (symmetric, mm) and **HD95** (the 95th percentile of the
+  distances from each surface to the other, both directions pooled), the surface being the
+  voxels of a mask with a 6-neighbour outside it, distances by the exact Euclidean distance
+  transform with the voxel spacing;
+* both **volumes** in ml.
+
+The figures go into the step's outputs (``metrics`` flat, for ``rtauto batch`` reports and
+``if:``) and into ``compare.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import ndimage as ndi
+
+from rtauto.dicom.geometry import GeometryError, Volume
+from rtauto.dicom.rtstruct import read_rtstruct
+from rtauto.errors import StepFailed
+from rtauto.steps import StepContext, StepResult, StepType
+from rtauto_autocontour.steps import _load_ct
+
+__all__ = ["COMPARE_STEP", "CompareParams", "compare_masks", "run_compare"]
+
+
+class CompareParams(BaseModel):
+    """``with:`` of ``autocontour.compare``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: list[str] | None = Field(
+        None, alias="from", description="earlier steps whose RTSTRUCTs are compared (default: all)"
+    )
+    reference: str | None = Field(
+        None,
+        description="regular expression the reference RTSTRUCT's StructureSetLabel or "
+        "SeriesDescription must match (default: the job's only input RTSTRUCT)",
+    )
+    match: dict[str, str] = Field(
+        default_factory=dict,
+        description="structure name -> reference ROI name where they differ (else the same "
+        "name, case ignored)",
+    )
+    structures: list[str] | None = Field(None, description="only these structures")
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndi.binary_erosion(mask, border_value=0)
+
+
+def compare_masks(a: np.ndarray, b: np.ndarray, spacing_zyx: tuple[float, ...]) -> dict[str, Any]:
+    """Dice, mean surface distance and HD95 (mm) of two boolean masks, volumes in ml."""
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    sum_a, sum_b = int(a.sum()), int(b.sum())
+    result: dict[str, Any] = {
+        "volume_ml": round(sum_a * voxel_ml, 2),
+        "reference_volume_ml": round(sum_b * voxel_ml, 2),
+    }
+    if not sum_a or not sum_b:
+        result.update(dice=0.0 if sum_a or sum_b else 1.0, msd_mm=None, hd95_mm=None)
+        return result
+    result["dice"] = round(2.0 * int((a & b).sum()) / (sum_a + sum_b), 4)
+    # both masks cropped to their common bounding box with a margin (the transform is global)
+    both = np.argwhere(a | b)
+    low = np.maximum(both.min(axis=0) - 2, 0)
+    high = np.minimum(both.max(axis=0) + 3, a.shape)
+    box = tuple(slice(int(lo), int(hi)) for lo, hi in zip(low, high, strict=True))
+    a, b = a[box], b[box]
+    surface_a, surface_b = _surface(a), _surface(b)
+    to_b = ndi.distance_transform_edt(~surface_b, sampling=spacing_zyx)[surface_a]
+    to_a = ndi.distance_transform_edt(~surface_a, sampling=spacing_zyx)[surface_b]
+    pooled = np.concatenate([to_b, to_a])
+    result["msd_mm"] = round(float(pooled.mean()), 3)
+    result["hd95_mm"] = round(float(np.percentile(pooled, 95)), 3)
+    return result
+
+
+def _rtstructs(paths: list[Path]) -> list[tuple[Path, pydicom.Dataset]]:
+    found = []
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if str(ds.get("Modality", "")) == "RTSTRUCT":
+            found.append((path, ds))
+    return found
+
+
+def _reference(ctx: StepContext, pattern: str | None) -> Path:
+    candidates = _rtstructs([p for s in ctx.study.by_modality("RTSTRUCT") for p in s.files])
+    if pattern:
+        regex = re.compile(pattern)
+        candidates = [
+            (path, ds)
+            for path, ds in candidates
+            if regex.search(str(ds.get("StructureSetLabel", "")))
+            or regex.search(str(ds.get("SeriesDescription", "")))
+        ]
+    if len(candidates) != 1:
+        which = f" matching {pattern!r}" if pattern else ""
+        raise StepFailed(
+            f"the job's input holds {len(candidates)} reference RTSTRUCTs{which}; "
+            "one is needed (name it with `reference`)"
+        )
+    return candidates[0][0]
+
+
+def run_compare(ctx: StepContext, params: CompareParams) -> StepResult:
+    """``autocontour.compare``: Dice, MSD, HD95 of earlier steps' structures."""
+    volume: Volume = _load_ct(ctx)
+    steps = params.from_ or list(ctx.previous)
+    evaluated = [
+        artifact.path
+        for step_id in steps
+        if step_id in ctx.previous
+        for artifact in ctx.previous[step_id].artifacts
+        if artifact.kind == "RTSTRUCT"
+    ]
+    if not evaluated:
+        raise StepFailed(f"no RTSTRUCT among the artifacts of steps {steps}")
+    reference_path = _reference(ctx, params.reference)
+    try:
+        ours = [s for path in evaluated for s in read_rtstruct(path, volume)[0]]
+        if params.structures:
+            ours = [s for s in ours if s.name in params.structures]
+        # only the reference ROIs needed are read (a clinical set holds many more)
+        names = {
+            str(roi.ROIName).lower(): str(roi.ROIName)
+            for roi in pydicom.dcmread(reference_path).get("StructureSetROISequence", [])
+        }
+        wanted = {s.name: names.get(params.match.get(s.name, s.name).lower()) for s in ours}
+        needed = sorted({name for name in wanted.values() if name})
+        reference, reference_info = read_rtstruct(reference_path, volume, names=needed)
+    except GeometryError as exc:
+        raise StepFailed(f"cannot place the contours on the CT: {exc}") from exc
+    by_name = {s.name: s for s in reference}
+    spacing_zyx = tuple(float(v) for v in volume.spacing[::-1])
+    structures: dict[str, dict[str, Any]] = {}
+    missing: list[str] = []
+    for structure in ours:
+        match = by_name.get(wanted[structure.name] or "")
+        if match is None:
+            missing.append(structure.name)
+            continue
+        figures = compare_masks(structure.mask, match.mask, spacing_zyx)
+        structures[structure.name] = {"reference_roi": match.name, **figures}
+    if not structures:
+        raise StepFailed(
+            f"no structure of steps {steps} has a counterpart in the reference "
+            f"({', '.join(names.values())}); name them with `match`"
+        )
+    metrics = {
+        f"{name}.{key}": value
+        for name, figures in structures.items()
+        for key, value in figures.items()
+        if key in ("dice", "msd_mm", "hd95_mm")
+    }
+    outputs = {
+        "reference_sop_instance_uid": reference_info.sop_instance_uid,
+        "structures": structures,
+        "unmatched": missing,
+        "metrics": metrics,
+    }
+    report = ctx.workdir / "compare.json"
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(outputs, indent=2))
+    ctx.add_artifact(report, kind="report-json", description="contours against the reference")
+    return StepResult(
+        outputs=outputs,
+        summary=", ".join(
+            f"{name} Dice {figures['dice']:.3f}" for name, figures in structures.items()
+        )
+        + (f"; no reference for {', '.join(missing)}" if missing else ""),
+    )
+
+
+COMPARE_STEP = StepType(
+    name="autocontour.compare",
+    run=run_compare,
+    params=CompareParams,
+    description="Compare earlier steps' contours with a reference RTSTRUCT: Dice, mean "
+    "surface distance, HD95, volumes.",
+    outputs={
+        "structures": "per structure: reference_roi, dice, msd_mm, hd95_mm, volume_ml, "
+        "reference_volume_ml",
+        "metrics": "the same flat, as STRUCTURE.dice / .msd_mm / .hd95_mm",
+        "unmatched": "structures with no counterpart in the reference",
+        "reference_sop_instance_uid": "the reference structure set",
+    },
+)
