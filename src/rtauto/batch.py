@@ -34,20 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rtauto.config import Settings
-from rtauto.errors import IngestError, WorkflowError
-from rtauto.workflow import LoadedWorkflow, load_workflow, load_workflow_text
+from rtauto.errors import IngestError
+from rtauto.workflow import LoadedWorkflow
 
-__all__ = [
-    "BatchReport",
-    "Case",
-    "apply_overrides",
-    "load_batch_workflow",
-    "run_batch",
-    "run_folder",
-]
+__all__ = ["BatchReport", "Case", "run_batch", "run_folder"]
 
 _SAFE = str.maketrans({c: "_" for c in '/\\:*?"<>| '})
 
@@ -92,50 +83,6 @@ class BatchReport:
             "rows": self.rows,
             "refused_files": self.refused,
         }
-
-
-def apply_overrides(text: str, overrides: Sequence[str]) -> str:
-    """The workflow text with ``STEP.PARAM[.KEY...]=VALUE`` applied to steps' ``with``.
-
-    Raises ValueError naming the override that does not fit (no ``=``, unknown step id).
-    """
-    if not overrides:
-        return text
-    data = yaml.safe_load(text)
-    steps = {s.get("id"): s for s in (data.get("steps") or []) if isinstance(s, dict)}
-    for override in overrides:
-        target, sep, value = override.partition("=")
-        path = target.strip().split(".")
-        if not sep or len(path) < 2 or not all(path):
-            raise ValueError(f"--set {override!r}: expected STEP.PARAM=VALUE")
-        step = steps.get(path[0])
-        if step is None:
-            raise ValueError(
-                f"--set {override!r}: the workflow has no step {path[0]!r} "
-                f"(steps: {', '.join(str(s) for s in steps)})"
-            )
-        params = step.setdefault("with", {})
-        for key in path[1:-1]:
-            params = params.setdefault(key, {})
-            if not isinstance(params, dict):
-                raise ValueError(f"--set {override!r}: {key} is not a mapping")
-        params[path[-1]] = yaml.safe_load(value)
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-
-
-def load_batch_workflow(
-    path: Path, overrides: Sequence[str], steps: Any, destinations: Iterable[str]
-) -> LoadedWorkflow:
-    """The workflow file with ``overrides`` applied, validated (WorkflowError, ValueError)."""
-    if not overrides:
-        return load_workflow(path, steps, known_destinations=destinations)
-    text = apply_overrides(path.read_text(encoding="utf-8"), overrides)
-    try:
-        return load_workflow_text(
-            text, f"{path} (with --set)", steps, known_destinations=destinations
-        )
-    except WorkflowError as exc:
-        raise WorkflowError([*exc.problems, f"the overrides were: {' '.join(overrides)}"]) from exc
 
 
 def _files(inputs: Iterable[Path]) -> list[Path]:

@@ -37,6 +37,13 @@ HomeOpt = Annotated[
     Path | None, typer.Option("--home", envvar="RTAUTO_HOME", help="folder for all state")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="STEP.PARAM=VALUE (a YAML value) changing the workflow; repeatable"),
+]
+ModelsOpt = Annotated[
+    Path | None, typer.Option("--models", help="model registry folder (models_dir)")
+]
 
 
 def _die(message: str, code: int = 2) -> None:
@@ -218,6 +225,8 @@ def run(
     workflow: Annotated[Path, typer.Argument(help="workflow YAML file")],
     inputs: Annotated[list[Path], typer.Argument(help="DICOM files or folders")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the job's outputs")],
+    overrides: SetOpt = None,
+    models: ModelsOpt = None,
     config: ConfigOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
@@ -227,17 +236,24 @@ def run(
     from rtauto.engine.engine import Engine
     from rtauto.ingest.assembler import create_job_for
     from rtauto.ingest.spool import Spool
-    from rtauto.workflow import load_workflow
+    from rtauto.workflow import load_workflow_with_overrides
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     settings, host = _without_daemon(
-        config, home if home else (out / ".rtauto" if not config else None), log_level
+        config,
+        home if home else (out / ".rtauto" if not config else None),
+        log_level,
+        models_dir=models.resolve() if models else None,
     )
     try:
-        loaded = load_workflow(workflow, host.steps, known_destinations=set(settings.destinations))
+        loaded = load_workflow_with_overrides(
+            workflow, overrides or [], host.steps, destinations=set(settings.destinations)
+        )
     except WorkflowError as exc:
         _die("\n".join(exc.problems))
+    except ValueError as exc:
+        _die(str(exc))
     settings.ensure_dirs()
     store = _store(settings)
     spool = Spool(settings)
@@ -321,16 +337,11 @@ def batch(
     cohort: Annotated[list[Path], typer.Argument(help="folders (or files) holding the cohort")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the cases and report")],
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="cases run at once")] = 2,
-    overrides: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="STEP.PARAM=VALUE (YAML value) for this batch; repeatable"),
-    ] = None,
+    overrides: SetOpt = None,
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="run the cases that failed before again")
     ] = False,
-    models: Annotated[
-        Path | None, typer.Option("--models", help="model registry folder (models_dir)")
-    ] = None,
+    models: ModelsOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
     log_level: Annotated[str, typer.Option("--log-level")] = "WARNING",
@@ -339,7 +350,8 @@ def batch(
     OUT/runs/<workflow hash>/batch.csv and batch.json. Exits 1 when a case failed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from rtauto.batch import load_batch_workflow, run_batch, run_folder
+    from rtauto.batch import run_batch, run_folder
+    from rtauto.workflow import load_workflow_with_overrides
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -351,11 +363,13 @@ def batch(
         models_dir=models.resolve() if models else None,
     )
     try:
-        loaded = load_batch_workflow(
+        loaded = load_workflow_with_overrides(
             workflow, overrides or [], host.steps, destinations=set(settings.destinations)
         )
-    except (WorkflowError, ValueError) as exc:
-        _die("\n".join(exc.problems) if isinstance(exc, WorkflowError) else str(exc))
+    except WorkflowError as exc:
+        _die("\n".join(exc.problems))
+    except ValueError as exc:
+        _die(str(exc))
     columns = (
         "{task.description}",
         BarColumn(),

@@ -12,10 +12,10 @@ import pydicom
 import pytest
 from rtauto_autocontour.threshold import body_mask
 
-from rtauto.batch import apply_overrides
 from rtauto.dicom.geometry import load_series
 from rtauto.dicom.rtstruct import Structure, write_rtstruct
 from rtauto.testing import write_ct_series
+from rtauto.workflow import apply_overrides
 
 WORKFLOW = """\
 name: cohort-body

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -100,6 +101,27 @@ def test_run_refuses_an_invalid_workflow_with_its_line(tmp_path):
     result = rtauto("run", str(workflow), str(tmp_path / "ct"), "--out", str(tmp_path / "o"))
     assert result.returncode == 2
     assert f"{workflow}:5:" in result.stderr
+
+
+def test_run_set_changes_a_step_param_and_the_recorded_version(tmp_path):
+    write_ct_series(tmp_path / "ct", rows=8, cols=8, slices=2)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    workflow = tmp_path / "copy.yaml"
+    workflow.write_text(GOOD % {"dest": first})
+    out = tmp_path / "out"
+    args = ["run", str(workflow), str(tmp_path / "ct"), "--out", str(out), "--json"]
+    result = rtauto(*args, "--set", f"copy.path={second}")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert len(list(second.iterdir())) == 2 and not list(first.iterdir())
+    assert summary["workflow_hash"] != hashlib.sha256(workflow.read_bytes()).hexdigest()
+    refused = rtauto(*args, "--set", "nope.path=/tmp")
+    assert refused.returncode == 2 and "no step 'nope'" in refused.stderr
+    invalid = rtauto(*args, "--set", "copy.send=everything")
+    assert invalid.returncode == 2
+    assert "(with --set)" in invalid.stderr and "copy.send=everything" in invalid.stderr
 
 
 def test_serve_refuses_an_invalid_configuration_with_its_line(tmp_path):

@@ -15,6 +15,7 @@ from rtauto.workflow.loader import (
     validate_paths,
     workflow_files,
 )
+from rtauto.workflow.overrides import apply_overrides, load_workflow_with_overrides
 from rtauto.workflow.schema import (
     Completion,
     RetryPolicy,
@@ -49,9 +50,11 @@ __all__ = [
     "WhereRule",
     "Workflow",
     "WorkflowLibrary",
+    "apply_overrides",
     "decide_step",
     "load_workflow",
     "load_workflow_text",
+    "load_workflow_with_overrides",
     "matches_series",
     "parse_condition",
     "parse_duration",
