@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -135,3 +139,71 @@ def test_batch_runs_reports_resumes_retries_and_reruns_with_an_override(
 
     refused = batch(str(workflow), str(cohort), "--out", str(out), "--set", "nope.x=1")
     assert refused.returncode == 2 and "no step 'nope'" in refused.stderr
+
+
+def test_a_killed_batch_resumes_without_running_a_finished_case_again(tmp_path: Path) -> None:
+    """kill -9 of the batch while a case runs: the same command finishes the cohort, each
+    case with the job it had (the finished ones are not run again), none twice."""
+    site = Path(__file__).parents[1] / "integration" / "site_plugins"
+    config = tmp_path / "rtauto.yaml"
+    config.write_text("plugin_modules: {site: rtauto_site_steps}\n")
+    workflow = tmp_path / "slow.yaml"
+    workflow.write_text(
+        "name: slow\ntrigger: {modality: CT}\nsteps:\n"
+        "  - id: first\n    uses: site.sleep\n    with: {seconds: 0.1}\n"
+        "  - id: wait\n    uses: site.sleep\n    needs: [first]\n    with: {seconds: 3}\n"
+    )
+    cohort = tmp_path / "cohort"
+    for n in range(3):
+        write_ct_series(cohort / f"p{n}", rows=8, cols=8, slices=2, patient_id=f"SLOW-{n}")
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "rtauto.cli", "batch", str(workflow), str(cohort)]
+    args += ["--out", str(out), "--jobs", "1", "--config", str(config), "--json"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+    }
+    process = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    store_path = out / ".rtauto" / "rtauto.db"
+    try:
+        # wait until one case has finished and another is under way
+        def progress() -> tuple[int, int]:
+            if not store_path.exists():
+                return 0, 0
+            with sqlite3.connect(store_path) as db:
+                rows = db.execute("SELECT status FROM jobs").fetchall()
+            return sum(r[0] == "ok" for r in rows), sum(r[0] == "running" for r in rows)
+
+        deadline = time.monotonic() + 300
+        while not (progress()[0] >= 1 and progress()[1] >= 1) and time.monotonic() < deadline:
+            assert process.poll() is None, "the batch ended before it could be interrupted"
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    with sqlite3.connect(store_path) as db:
+        before = dict(db.execute("SELECT id, status FROM jobs").fetchall())
+        finished_steps = db.execute(
+            "SELECT job_id, step_id, attempts FROM steps WHERE status = 'ok'"
+        ).fetchall()
+    assert "ok" in before.values() and "running" in before.values()
+
+    resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads(resumed.stdout)
+    assert [row["status"] for row in report["rows"]] == ["ok", "ok", "ok"]
+    kinds = {row["job"]: row["resumed"] for row in report["rows"]}
+    for job, status in before.items():
+        assert kinds[job] == ("done" if status == "ok" else "unfinished")
+    with sqlite3.connect(store_path) as db:
+        assert db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 3
+        # no step that had finished before the kill ran again
+        for job, step, attempts in finished_steps:
+            now = db.execute(
+                "SELECT attempts, status FROM steps WHERE job_id = ? AND step_id = ?", (job, step)
+            ).fetchone()
+            assert now == (attempts, "ok"), (job, step)
