@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-APT_PACKAGES := dcmtk dicom3tools orthanc plastimatch postgresql
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb plastimatch postgresql
 PLUGINS := plugins/autocontour plugins/plan_check plugins/image_guidance
 PYTEST_ARGS ?=
 
@@ -14,7 +14,8 @@ PYTEST_ARGS ?=
 install: install-system install-python
 
 # Debian packages the tests and the demo use: dcmtk (storescu/storescp/echoscu),
-# dicom3tools (dciodvfy), Orthanc (a real PACS), plastimatch (an independent RTSTRUCT reader).
+# dicom3tools (dciodvfy), Orthanc (a real PACS) with its DICOMweb plugin, plastimatch (an
+# independent RTSTRUCT reader).
 install-system:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

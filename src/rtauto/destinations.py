@@ -20,10 +20,12 @@ class DestinationType:
     ``send(config, files)`` delivers the files (DICOM objects or any file) and returns nothing;
     it raises :class:`rtauto.errors.StepRetry` when the destination is unreachable or busy
     (the routing step retries, then tries alternates) and :class:`rtauto.errors.StepFailed`
-    when the destination refuses the files for good.
+    when the destination refuses the files for good. ``dicom_only``: ``route.send`` gives it
+    DICOM objects only (a PACS), not reports or other files.
     """
 
     name: str
     config: type[BaseModel]
     send: Callable[[Any, Sequence[Path]], None]
     description: str = ""
+    dicom_only: bool = False

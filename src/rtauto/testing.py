@@ -11,6 +11,7 @@ Loaded as a pytest plugin (entry point ``pytest11``), so plugin authors get the 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -116,12 +117,29 @@ def nodelay_env() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-class OrthancServer:
-    """A real Orthanc started on loopback with its own storage folder; stopped on exit."""
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
-    def __init__(self, folder: Path, aet: str = "ORTHANC"):
+
+class OrthancServer:
+    """A real Orthanc started on loopback with its own storage folder; stopped on exit.
+
+    ``dicomweb``: with Orthanc's DICOMweb plugin (Debian ``orthanc-dicomweb``), served at
+    :attr:`dicomweb_url`; ``users``: HTTP basic authentication with these user: password
+    pairs (the test's own requests then authenticate as the first).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        aet: str = "ORTHANC",
+        *,
+        dicomweb: bool = False,
+        users: dict[str, str] | None = None,
+    ):
         self.folder = Path(folder)
         self.aet = aet
+        self.dicomweb = dicomweb
+        self.users = users or {}
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -130,10 +148,18 @@ class OrthancServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
+
     def start(self) -> OrthancServer:
         binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
         if not os.path.exists(binary):
             raise FileNotFoundError("Orthanc is not installed (`make install` installs it)")
+        if self.dicomweb and not DICOMWEB_PLUGIN.exists():
+            raise FileNotFoundError(
+                "Orthanc's DICOMweb plugin is not installed (`make install` installs it)"
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
         config = {
             "Name": "rtauto-test",
@@ -144,10 +170,12 @@ class OrthancServer:
             "DicomAet": self.aet,
             "DicomCheckCalledAet": False,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "HttpServerEnabled": True,
             "DicomServerEnabled": True,
-            "Plugins": [],
+            "Plugins": [str(DICOMWEB_PLUGIN)] if self.dicomweb else [],
+            "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "StorageCompression": False,
             "StableAge": 1,
             "DicomModalities": {},
@@ -191,12 +219,20 @@ class OrthancServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _request(self, path: str) -> urllib.request.Request:
+        request = urllib.request.Request(self.url + path)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+            request.add_header("Authorization", f"Basic {token}")
+        return request
+
     def get(self, path: str) -> object:
-        with urllib.request.urlopen(self.url + path, timeout=10) as response:
+        with urllib.request.urlopen(self._request(path), timeout=10) as response:
             return json.loads(response.read())
 
     def get_bytes(self, path: str) -> bytes:
-        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+        with urllib.request.urlopen(self._request(path), timeout=30) as response:
             return response.read()
 
     def instances(self) -> list[str]:

@@ -244,9 +244,9 @@ def test_unknown_or_invalid_destinations_fail_clearly(make_context, kit, rtstruc
     ctx = make_context(artifacts={"contour": [kit.dicom_artifact(rtstruct)]})
     with pytest.raises(StepFailed, match="needs a 'dicom' destination"):
         route_dicom(ctx, RouteDicomParams(destination="share"))
-    make_context.add("pacs", type="dicomweb", url="https://pacs/")
+    make_context.add("pacs", type="xnat", url="https://pacs/")
     ctx = make_context(artifacts={"contour": [kit.dicom_artifact(rtstruct)]})
-    with pytest.raises(StepFailed, match="'dicomweb', which no installed plugin provides"):
+    with pytest.raises(StepFailed, match="'xnat', which no installed plugin provides"):
         route_send(ctx, RouteSendParams(destination="pacs"))
 
 

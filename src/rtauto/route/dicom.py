@@ -290,4 +290,5 @@ DICOM_DESTINATION = DestinationType(
     config=DicomDestinationConfig,
     send=send_dicom,
     description="a DICOM node (C-STORE SCU over one association, TLS optional)",
+    dicom_only=True,
 )

@@ -1,5 +1,5 @@
-"""Built-in routing plugin: the ``dicom`` and ``folder`` destination types and the
-``route.dicom``, ``route.folder`` and ``route.send`` steps."""
+"""Built-in routing plugin: the ``dicom``, ``dicomweb`` and ``folder`` destination types and
+the ``route.dicom``, ``route.folder`` and ``route.send`` steps."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 from rtauto.hooks import hookimpl
 from rtauto.route.dicom import DICOM_DESTINATION
+from rtauto.route.dicomweb import DICOMWEB_DESTINATION
 from rtauto.route.folder import FOLDER_DESTINATION
 from rtauto.route.steps import (
     ROUTE_OUTPUTS,
@@ -24,6 +25,7 @@ from rtauto.steps import StepType
 @hookimpl
 def rtauto_register_destinations(register: Callable[[Any], None]) -> None:
     register(DICOM_DESTINATION)
+    register(DICOMWEB_DESTINATION)
     register(FOLDER_DESTINATION)
 
 

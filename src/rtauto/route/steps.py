@@ -28,6 +28,7 @@ from rtauto.route.deliveries import (
     resolve_destination,
 )
 from rtauto.route.dicom import DICOM_DESTINATION
+from rtauto.route.dicomweb import DICOMWEB_DESTINATION
 from rtauto.route.folder import FOLDER_DESTINATION
 from rtauto.steps import StepContext, StepResult
 
@@ -45,6 +46,7 @@ __all__ = [
 
 BUILTIN_DESTINATION_TYPES: dict[str, DestinationType] = {
     DICOM_DESTINATION.name: DICOM_DESTINATION,
+    DICOMWEB_DESTINATION.name: DICOMWEB_DESTINATION,
     FOLDER_DESTINATION.name: FOLDER_DESTINATION,
 }
 
@@ -201,7 +203,7 @@ def _run(
         for index, name in enumerate((primary, *params.alternates))
     ]
     if dicom_only is None:
-        dicom_only = chain[0].type.name == DICOM_DESTINATION.name
+        dicom_only = chain[0].type.dicom_only
     items = select_items(ctx, params, dicom_only=dicom_only)
     if not items:
         return StepResult(
