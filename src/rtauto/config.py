@@ -34,6 +34,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ScpTls(_Strict):
+    """DICOM TLS (PS3.15 Annex B) on the storage SCP's port: TLS 1.2 or later."""
+
+    cert_file: Path = Field(description="rtauto's certificate (PEM, chain included)")
+    key_file: Path = Field(description="the private key of cert_file (PEM)")
+    client_ca_file: Path | None = Field(
+        None,
+        description="CA bundle verifying client certificates; when set, every client must "
+        "present one it signed (mutual TLS)",
+    )
+
+
 class ScpSettings(_Strict):
     """The storage SCP (C-STORE and C-ECHO)."""
 
@@ -53,6 +65,7 @@ class ScpSettings(_Strict):
         "native",
         description="the DICOM network layer receiving C-STORE: rtauto's own or pynetdicom",
     )
+    tls: ScpTls | None = Field(None, description="accept associations over TLS only")
 
 
 class WatchFolder(_Strict):

@@ -336,6 +336,43 @@ def echoscu(port: int, *, host: str = "127.0.0.1", called_ae: str = "RTAUTO") ->
     return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
 
 
+def make_tls_files(
+    folder: Path, names: str = "DNS:localhost,IP:127.0.0.1", clients: Sequence[str] = ()
+) -> dict[str, Path]:
+    """A test CA and certificates it signs, made with openssl: ``ca``, the server's ``cert``
+    and ``key`` for ``names`` (subjectAltName), and ``<client>.cert`` / ``<client>.key`` for
+    each name in ``clients``. Skips the calling test without openssl."""
+    openssl = require_tool("openssl")
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = folder / "ca.key", folder / "ca.pem"
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True)
+
+    def signed(name: str, subject: str, extension: str | None) -> tuple[Path, Path]:
+        key, csr, cert = folder / f"{name}.key", folder / f"{name}.csr", folder / f"{name}.pem"
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+            "-subj", f"/CN={subject}")  # fmt: skip
+        extra: list[str] = []
+        if extension:
+            ext = folder / f"{name}.ext"
+            ext.write_text(extension + "\n")
+            extra = ["-extfile", str(ext)]
+        run("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+            "-CAcreateserial", "-out", str(cert), "-days", "2", *extra)  # fmt: skip
+        return cert, key
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out",
+        str(ca_cert), "-days", "2", "-subj", "/CN=rtauto test CA")  # fmt: skip
+    files = {"ca": ca_cert}
+    files["cert"], files["key"] = signed("server", "localhost", f"subjectAltName={names}")
+    for client in clients:
+        files[f"{client}.cert"], files[f"{client}.key"] = signed(
+            client, client, "extendedKeyUsage=clientAuth"
+        )
+    return files
+
+
 # --------------------------------------------------------------------------------------------
 # synthetic data
 # --------------------------------------------------------------------------------------------

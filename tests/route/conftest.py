@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import subprocess
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +25,7 @@ from rtauto.steps import (
     StudyInputs,
 )
 from rtauto.store import Store
-from rtauto.testing import free_port
+from rtauto.testing import free_port, make_tls_files
 
 
 @pytest.fixture
@@ -241,29 +239,6 @@ class CountingSCP:
 def counting_scp(tmp_path: Path) -> Iterator[CountingSCP]:
     with CountingSCP(tmp_path / "counted") as scp:
         yield scp
-
-
-def make_tls_files(folder: Path, names: str = "DNS:localhost,IP:127.0.0.1") -> dict[str, Path]:
-    """A CA, and a server certificate for ``names`` (subjectAltName) signed by it (openssl)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed")
-    folder.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_cert = folder / "ca.key", folder / "ca.pem"
-    key, csr, cert = folder / "server.key", folder / "server.csr", folder / "server.pem"
-    ext = folder / "san.ext"
-    ext.write_text(f"subjectAltName={names}\n")
-
-    def run(*args: str) -> None:
-        subprocess.run([openssl, *args], check=True, capture_output=True)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out",
-        str(ca_cert), "-days", "2", "-subj", "/CN=rtauto test CA")  # fmt: skip
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
-        "-subj", "/CN=localhost")  # fmt: skip
-    run("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
-        "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))  # fmt: skip
-    return {"ca": ca_cert, "cert": cert, "key": key}
 
 
 @pytest.fixture

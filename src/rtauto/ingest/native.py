@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -262,6 +263,7 @@ class NativeStorageServer:
         network_timeout: float = 60.0,
         reuse_port: bool = False,
         max_associations: int = 64,
+        tls: ssl.SSLContext | None = None,
     ):
         self.ae_title = ae_title.strip()
         self.host = host
@@ -274,6 +276,7 @@ class NativeStorageServer:
         self.network_timeout = network_timeout
         self.reuse_port = reuse_port
         self.max_associations = max_associations
+        self.tls = tls
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
         self._active: set[socket.socket] = set()
@@ -337,6 +340,11 @@ class NativeStorageServer:
 
     def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         try:
+            if self.tls is not None:
+                try:
+                    conn = self._handshake(conn, peer)
+                except OSError:
+                    return  # logged; the finally closes the connection
             _Association(self, conn).run()
         except Exception:
             log.exception("association from %s:%s failed", *peer)
@@ -344,6 +352,22 @@ class NativeStorageServer:
             with self._lock:
                 self._active.discard(conn)
             conn.close()
+
+    def _handshake(self, conn: socket.socket, peer: tuple[str, int]) -> ssl.SSLSocket:
+        """The TLS handshake (within the network timeout); the TLS socket replaces the plain
+        one among the active connections. Raises OSError when it fails."""
+        assert self.tls is not None
+        conn.settimeout(self.network_timeout)
+        with self._lock:
+            self._active.discard(conn)
+        try:
+            wrapped = self.tls.wrap_socket(conn, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("TLS handshake with %s:%s failed: %s", *peer, exc)
+            raise
+        with self._lock:
+            self._active.add(wrapped)
+        return wrapped
 
 
 def _abort_pdu(source: int, reason: int) -> bytes:
@@ -363,6 +387,8 @@ class _Association:
         self.header = bytearray(6)
         self.dataset = bytearray(0)  # reused for every data set of the association
         self.sink: DatasetSink | None = None  # fed the data set being received
+        if isinstance(conn, ssl.SSLSocket):
+            self._read_into = self._read_into_tls  # type: ignore[method-assign]
 
     # -- socket --------------------------------------------------------------------------------
     def _read_into(self, view: memoryview) -> None:
@@ -379,6 +405,15 @@ class _Association:
                     got = conn.recv_into(view)
                 except BlockingIOError:  # SO_RCVTIMEO expired
                     raise TimeoutError("network timeout") from None
+            if not got:
+                raise _PeerAborted("connection closed by the peer")
+            view = view[got:]
+
+    def _read_into_tls(self, view: memoryview) -> None:
+        # the TLS socket has a Python timeout (set before the handshake), which raises
+        # TimeoutError; decrypted records come whole, so there is no ACK to hurry
+        while view:
+            got = self.conn.recv_into(view)
             if not got:
                 raise _PeerAborted("connection closed by the peer")
             view = view[got:]

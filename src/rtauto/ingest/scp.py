@@ -41,6 +41,7 @@ import os
 import signal
 import socket
 import socketserver
+import ssl
 import subprocess
 import sys
 import threading
@@ -50,7 +51,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from rtauto.config import Settings
+from rtauto.config import ScpTls, Settings
+from rtauto.errors import ConfigError
 from rtauto.ingest.native import DatasetSink, StoreRequest
 from rtauto.ingest.spool import RefusedInstance, Spool, StreamedFile
 from rtauto.store import InstanceRecord, Store
@@ -101,6 +103,26 @@ def _fast_recv(sock: socket.socket) -> Any:
         return buffer
 
     return recv
+
+
+def server_tls_context(tls: ScpTls) -> ssl.SSLContext:
+    """The server side of DICOM TLS: TLS 1.2 or later, rtauto's certificate, and client
+    certificates required and verified when ``client_ca_file`` is set. Raises ConfigError
+    naming the file that cannot be loaded."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        if tls.client_ca_file is not None:
+            context.load_verify_locations(cafile=str(tls.client_ca_file))
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"scp.tls: cannot load {tls.cert_file}, {tls.key_file}"
+            + (f" or {tls.client_ca_file}" if tls.client_ca_file else "")
+            + f": {exc}"
+        ) from exc
+    return context
 
 
 class _Indexer:
@@ -227,6 +249,9 @@ class _Receiver:
             return self._start_native(port, reuse_port)
         return self._start_pynetdicom(port, reuse_port)
 
+    def _tls_context(self) -> ssl.SSLContext | None:
+        return server_tls_context(self.settings.scp.tls) if self.settings.scp.tls else None
+
     def _start_native(self, port: int, reuse_port: bool) -> int:
         from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
 
@@ -247,6 +272,7 @@ class _Receiver:
             network_timeout=scp.network_timeout,
             reuse_port=reuse_port,
             max_associations=_MAX_ASSOCIATIONS,
+            tls=self._tls_context(),
         )
         return self.server.start()
 
@@ -287,7 +313,12 @@ class _Receiver:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_OPEN, self._on_connection),
         ]
-        self.server = ae.make_server((scp.host, port), evt_handlers=handlers, server_class=Server)
+        self.server = ae.make_server(
+            (scp.host, port),
+            evt_handlers=handlers,
+            server_class=Server,
+            ssl_context=self._tls_context(),
+        )
         # pynetdicom deep-copies the server's contexts for every association (170 storage
         # classes x all transfer syntaxes: ~0.1-1 s of CPU each); negotiation only reads them
         self.server.contexts = _SharedContexts(self.server.contexts)
@@ -451,6 +482,8 @@ class StorageSCP:
         """Start listening (``settings.scp.port``; 0 lets the OS choose) and return the port."""
         scp = self.settings.scp
         self.settings.ensure_dirs()
+        if scp.tls is not None:
+            server_tls_context(scp.tls)  # a bad certificate fails here, before any child starts
         if scp.processes == 1:
             self._receiver = _Receiver(self.settings, self.store_url)
             self.port = self._receiver.start(scp.port, reuse_port=False)
