@@ -309,13 +309,17 @@ def _without_daemon(
     *,
     workers: int | None = None,
     models_dir: Path | None = None,
+    own_store: bool = False,
 ) -> tuple[Settings, Any]:
     """Settings (no SCP) and the plugin host for ``run`` and ``batch``; warns of plugins
-    that failed to load."""
+    that failed to load. ``own_store``: the job store is SQLite under ``home`` whatever the
+    configuration says (a daemon sharing a configured store would run these jobs too)."""
     from rtauto.uids import set_uid_root
 
     settings = _settings(config, home)
     update: dict[str, Any] = {"scp": settings.scp.model_copy(update={"enabled": False})}
+    if own_store:
+        update["store_url"] = None
     if workers is not None:
         update["executor"] = settings.executor.model_copy(update={"workers": workers})
     if models_dir is not None:
@@ -336,7 +340,7 @@ def batch(
     workflow: Annotated[Path, typer.Argument(help="workflow YAML file")],
     cohort: Annotated[list[Path], typer.Argument(help="folders (or files) holding the cohort")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the cases and report")],
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="cases run at once")] = 2,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="cases run at once")] = 2,
     overrides: SetOpt = None,
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="run the cases that failed before again")
@@ -361,6 +365,7 @@ def batch(
         log_level,
         workers=jobs,
         models_dir=models.resolve() if models else None,
+        own_store=True,
     )
     try:
         loaded = load_workflow_with_overrides(

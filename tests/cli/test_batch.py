@@ -172,8 +172,11 @@ def test_a_killed_batch_resumes_without_running_a_finished_case_again(tmp_path: 
         def progress() -> tuple[int, int]:
             if not store_path.exists():
                 return 0, 0
-            with sqlite3.connect(store_path) as db:
-                rows = db.execute("SELECT status FROM jobs").fetchall()
+            try:
+                with sqlite3.connect(store_path) as db:
+                    rows = db.execute("SELECT status FROM jobs").fetchall()
+            except sqlite3.OperationalError:  # the store is being created
+                return 0, 0
             return sum(r[0] == "ok" for r in rows), sum(r[0] == "running" for r in rows)
 
         deadline = time.monotonic() + 300
