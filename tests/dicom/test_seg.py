@@ -8,9 +8,9 @@ import highdicom as hd
 import numpy as np
 import pytest
 
-from rtauto.dicom.geometry import load_series
+from rtauto.dicom.geometry import GeometryError, load_series
 from rtauto.dicom.rtstruct import Structure
-from rtauto.dicom.seg import write_seg
+from rtauto.dicom.seg import read_seg, write_seg
 from rtauto.testing import write_ct_series
 
 OBLIQUE = (0.8660254, 0.5, 0.0, 0.0, 0.0, -1.0)
@@ -74,6 +74,14 @@ def test_seg_round_trip(
     }
     expected = {tuple(np.round(volume.slice_position(k), 2)) for k in range(volume.shape[0])}
     assert positions <= expected
+    # rtauto's reader (autocontour.compare) gives back the same masks
+    read = read_seg(out, volume)
+    assert [s.name for s in read] == ["BODY", "Heart", "SpinalCord"]
+    for ours, original in zip(read, structures, strict=True):
+        assert np.array_equal(ours.mask, original.mask), original.name
+    other = load_series(write_ct_series(tmp_path / "other", rows=48, cols=56, slices=9).files)
+    with pytest.raises(GeometryError, match="Frame of Reference"):
+        read_seg(out, other)
 
 
 def test_seg_refuses_a_wrong_mask_shape(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from scipy.spatial import cKDTree
 
 from rtauto.dicom.geometry import load_series
 from rtauto.dicom.rtstruct import Structure, write_rtstruct
+from rtauto.dicom.seg import write_seg
 from rtauto.errors import StepFailed
 from rtauto.steps import Artifact, PreviousStep
 from rtauto.testing import write_ct_series
@@ -90,6 +91,16 @@ def test_step_compares_a_previous_steps_rtstruct_with_the_reference(
     assert result.outputs["metrics"]["BODY.dice"] == body["dice"]
     [report] = [a for a in ctx.artifacts if a.kind == "report-json"]
     assert json.loads(report.path.read_text())["structures"]["BODY"] == body
+
+    # the same structure as a SEG (another step's output) gives the same figures
+    segmented = tmp_path / "produced-seg.dcm"
+    write_seg(volume, [Structure("BODY", ours)], segmented)
+    as_seg = {"seg": PreviousStep("seg", "ok", {}, (Artifact(segmented, "SEG", modality="SEG"),))}
+    seg_ctx = make_context(
+        [*series.files, reference], step_type="autocontour.compare", name="seg", previous=as_seg
+    )
+    from_seg = run_compare(seg_ctx, CompareParams(match={"BODY": "External"}))
+    assert from_seg.outputs["structures"]["BODY"] == body
 
     nothing = make_context(
         series.files, step_type="autocontour.compare", name="none", previous=previous

@@ -21,7 +21,7 @@ from rtauto.dicom.geometry import GeometryError, Volume
 from rtauto.dicom.rtstruct import Structure
 from rtauto.uids import new_uid
 
-__all__ = ["property_type_for", "write_seg"]
+__all__ = ["property_type_for", "read_seg", "write_seg"]
 
 # TG-263 names -> SNOMED CT segmented property types (CID 7166 / 7140); others: "Organ".
 _PROPERTY_TYPES = {
@@ -123,3 +123,37 @@ def write_seg(
     path = Path(path)
     seg.save_as(path, enforce_file_format=True)
     return seg
+
+
+def read_seg(path: Path | str, volume: Volume) -> list[Structure]:
+    """The segments of a SEG as masks on ``volume``'s grid, one per segment (its label as
+    the name), placed by the CT slices each frame references.
+
+    The SEG must share the volume's Frame of Reference and reference its images; frames a
+    SEG leaves out (empty slices) read as empty. Raises :class:`GeometryError` otherwise.
+    """
+    seg = hd.seg.segread(str(path))
+    if str(seg.FrameOfReferenceUID) != volume.frame_of_reference_uid:
+        raise GeometryError(
+            f"the SEG's Frame of Reference {seg.FrameOfReferenceUID} is not the image's "
+            f"{volume.frame_of_reference_uid}"
+        )
+    numbers = list(seg.get_segment_numbers())
+    if not numbers:
+        return []
+    try:
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=list(volume.sop_instance_uids),
+            segment_numbers=numbers,
+            combine_segments=False,
+            assert_missing_frames_are_empty=True,
+        )
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise GeometryError(f"the SEG does not lie on the image's slices: {exc}") from exc
+    structures = []
+    for index, number in enumerate(numbers):
+        description = seg.get_segment_description(number)
+        structures.append(
+            Structure(name=str(description.segment_label), mask=pixels[..., index] > 0)
+        )
+    return structures

@@ -1,10 +1,11 @@
 """``autocontour.compare``: contours of earlier steps against a reference structure set.
 
 For researchers re-running a cohort with another model and for a clinic commissioning one:
-every structure an earlier step wrote (its RTSTRUCT artifacts) is compared with the ROI of
-the same name (or the one ``match`` names) in a reference RTSTRUCT among the job's inputs,
-typically the clinical structure set sent with the CT. Both are rasterised onto the CT's grid
-(pixel centres inside, even-odd), then:
+every structure an earlier step wrote (its RTSTRUCT or SEG artifacts) is compared with the
+ROI of the same name (or the one ``match`` names) in a reference RTSTRUCT among the job's
+inputs, typically the clinical structure set sent with the CT. Contours are rasterised onto
+the CT's grid (pixel centres inside, even-odd), SEG frames placed on the slices they
+reference; then:
 
 * **Dice** = 2 |A & B| / (|A| + |B|);
 * **mean surface distance** (symmetric, mm) and **HD95** (the 95th percentile of the
@@ -31,6 +32,7 @@ from scipy import ndimage as ndi
 
 from rtauto.dicom.geometry import GeometryError, Volume
 from rtauto.dicom.rtstruct import read_rtstruct
+from rtauto.dicom.seg import read_seg
 from rtauto.errors import StepFailed
 from rtauto.steps import StepContext, StepResult, StepType
 from rtauto_autocontour.steps import _load_ct
@@ -44,7 +46,9 @@ class CompareParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     from_: list[str] | None = Field(
-        None, alias="from", description="earlier steps whose RTSTRUCTs are compared (default: all)"
+        None,
+        alias="from",
+        description="earlier steps whose RTSTRUCTs and SEGs are compared (default: all)",
     )
     reference: str | None = Field(
         None,
@@ -123,17 +127,26 @@ def run_compare(ctx: StepContext, params: CompareParams) -> StepResult:
     volume: Volume = _load_ct(ctx)
     steps = params.from_ or list(ctx.previous)
     evaluated = [
-        artifact.path
+        artifact
         for step_id in steps
         if step_id in ctx.previous
         for artifact in ctx.previous[step_id].artifacts
-        if artifact.kind == "RTSTRUCT"
+        if artifact.kind in ("RTSTRUCT", "SEG")
     ]
     if not evaluated:
-        raise StepFailed(f"no RTSTRUCT among the artifacts of steps {steps}")
+        raise StepFailed(f"no RTSTRUCT or SEG among the artifacts of steps {steps}")
     reference_path = _reference(ctx, params.reference)
     try:
-        ours = [s for path in evaluated for s in read_rtstruct(path, volume)[0]]
+        ours = []
+        # RTSTRUCTs first: with both outputs of one step, each structure is compared once
+        for artifact in sorted(evaluated, key=lambda a: a.kind != "RTSTRUCT"):
+            read = (
+                read_rtstruct(artifact.path, volume)[0]
+                if artifact.kind == "RTSTRUCT"
+                else read_seg(artifact.path, volume)
+            )
+            seen = {s.name for s in ours}
+            ours += [s for s in read if s.name not in seen]
         if params.structures:
             ours = [s for s in ours if s.name in params.structures]
         # only the reference ROIs needed are read (a clinical set holds many more)
