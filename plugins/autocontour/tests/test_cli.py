@@ -108,3 +108,34 @@ def test_run_on_the_head_phantom_routes_rtstructs_that_reference_the_ct(
     dice = 2.0 * float((ours.mask & clinical.mask).sum()) / (ours.mask.sum() + clinical.mask.sum())
     print(f"rtauto run on the DCPT head phantom: BODY Dice {dice:.4f}")
     assert dice >= 0.92
+
+
+def test_evaluation_workflow_reports_dice_against_the_clinical_contours(
+    tmp_path: Path, test_data: Path
+) -> None:
+    """`rtauto run workflows/autocontour-evaluate.yaml` on the head phantom (CT, its clinical
+    RTSTRUCT and plan): the threshold BODY reaches Dice >= 0.92 against the clinical BODY,
+    the thorax model's structures have no counterpart in a head and are listed as such."""
+    study = test_data / "dcpt-headphantom" / "study"
+    out = tmp_path / "out"
+    result = rtauto(
+        "run",
+        str(ROOT / "workflows" / "autocontour-evaluate.yaml"),
+        str(study),
+        "--out",
+        str(out),
+        "--models",
+        str(ROOT / "models"),
+        "--json",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = {s["id"]: s for s in json.loads(result.stdout)["steps"]}
+    assert [s["outcome"] for s in steps.values()] == ["ok", "ok", "ok"]
+    compare = steps["compare"]["outputs"]
+    body = compare["structures"]["BODY"]
+    print(f"autocontour-evaluate on the DCPT head phantom: BODY {body}")
+    assert body["reference_roi"] == "BODY" and body["dice"] >= 0.92
+    assert compare["metrics"]["BODY.dice"] == body["dice"]
+    assert set(compare["unmatched"]) == {"Lung_L", "Lung_R", "SpinalCord"}
+    [report] = steps["compare"]["artifacts"]
+    assert json.loads(Path(report).read_text())["structures"]["BODY"] == body

@@ -57,8 +57,8 @@ class CompareParams(BaseModel):
     )
     match: dict[str, str] = Field(
         default_factory=dict,
-        description="structure name -> reference ROI name where they differ (else the same "
-        "name, case ignored)",
+        description="structure name -> reference ROI name where they differ (a structure "
+        "whose match is absent is looked up by its own name; case ignored)",
     )
     structures: list[str] | None = Field(None, description="only these structures")
 
@@ -154,7 +154,11 @@ def run_compare(ctx: StepContext, params: CompareParams) -> StepResult:
             str(roi.ROIName).lower(): str(roi.ROIName)
             for roi in pydicom.dcmread(reference_path).get("StructureSetROISequence", [])
         }
-        wanted = {s.name: names.get(params.match.get(s.name, s.name).lower()) for s in ours}
+        # the name ``match`` gives, else the structure's own (case ignored)
+        wanted = {
+            s.name: names.get(params.match.get(s.name, s.name).lower()) or names.get(s.name.lower())
+            for s in ours
+        }
         needed = sorted({name for name in wanted.values() if name})
         reference, reference_info = read_rtstruct(reference_path, volume, names=needed)
     except GeometryError as exc:
