@@ -28,7 +28,6 @@ import csv
 import hashlib
 import json
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,11 +129,11 @@ def run_batch(
     ``on_ingest(done, total)`` follows the reading of the files, ``on_progress(finished, ok,
     total)`` the cases.
     """
-    from rtauto.cli import job_summary
     from rtauto.engine.engine import Engine
     from rtauto.ingest.assembler import create_job_for
     from rtauto.ingest.spool import Spool
     from rtauto.store import Store
+    from rtauto.store.summary import job_summary
 
     started = time.monotonic()
     settings.ensure_dirs()
@@ -143,13 +142,14 @@ def run_batch(
     files = _files(inputs)
     cases: dict[str, Case] = {}
     refused: list[dict[str, str]] = []
+    pending: list[Any] = []  # index rows, committed together
     for done, path in enumerate(files, start=1):
         try:
             record = spool.ingest_file(path, source="batch")
         except IngestError as exc:
             refused.append({"file": str(path), "reason": exc.reason})
         else:
-            store.record_instance(record)
+            pending.append(record)
             case = cases.get(record.study_instance_uid)
             if case is None:
                 case = cases[record.study_instance_uid] = Case(
@@ -158,6 +158,9 @@ def run_batch(
             case.files += 1
             if record.series_instance_uid not in case.series:
                 case.series.append(record.series_instance_uid)
+        if len(pending) >= 500 or done == len(files):
+            store.record_instances(pending)
+            pending = []
         if on_ingest is not None:
             on_ingest(done, len(files))
 
@@ -166,14 +169,21 @@ def run_batch(
     ordered = sorted(cases.values(), key=lambda c: (c.patient_id, c.study_uid))
     for case in ordered:
         case.name = _case_name(case.patient_id, case.study_uid, taken)
-        # the workflow version and the study name the job (hashed: the key column holds 128)
-        key = "batch:" + hashlib.sha256(f"{loaded.hash}|{case.study_uid}".encode()).hexdigest()
+        # the workflow version and the study name the job (hashed: the key column holds 128);
+        # a retry of a failed job is the same key with ":retry:N"
+        base = "batch:" + hashlib.sha256(f"{loaded.hash}|{case.study_uid}".encode()).hexdigest()
+        key, work_dir, attempt = base, run / case.name, 0
         previous = store.job_by_dedupe_key(key)
-        work_dir = run / case.name
+        while previous is not None:
+            retried = store.job_by_dedupe_key(f"{base}:retry:{attempt + 1}")
+            if retried is None:
+                break
+            attempt += 1
+            previous = retried
         if previous is not None and previous.status == "fail" and retry_failed:
-            retry = uuid.uuid4().hex[:8]
-            key, previous = f"{key}:retry:{retry}", None
-            work_dir = run / f"{case.name}.retry-{retry}"
+            attempt += 1
+            key, previous = f"{base}:retry:{attempt}", None
+            work_dir = run / f"{case.name}.retry-{attempt}"
         if previous is not None:
             case.job_id = previous.id
             case.resumed = "done" if previous.status in ("ok", "fail") else "unfinished"

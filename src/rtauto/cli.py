@@ -149,59 +149,6 @@ def _collect_files(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def job_summary(store: Any, job_id: str) -> dict[str, Any]:
-    """The summary ``rtauto run --json`` and ``rtauto jobs --json`` print for a job."""
-    job = store.get_job(job_id)
-    steps = {s.step_id: s for s in store.steps_of(job.id)}
-    order = [s.step_id for s in steps.values()]
-    try:
-        import yaml
-
-        order = [s["id"] for s in yaml.safe_load(job.workflow_text)["steps"]]
-    except Exception:
-        pass
-    return {
-        "job": job.id,
-        "status": job.status,
-        "workflow": job.workflow_name,
-        "workflow_hash": job.workflow_hash,
-        "study_instance_uid": job.study_uid,
-        "series_instance_uid": job.series_uid,
-        "work_dir": job.work_dir,
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
-        "error": job.error,
-        "steps": [
-            {
-                "id": sid,
-                "uses": steps[sid].uses,
-                "outcome": steps[sid].status,
-                "attempts": steps[sid].attempts,
-                "outputs": steps[sid].outputs or {},
-                "summary": steps[sid].summary,
-                "error": steps[sid].error,
-                "plugin": steps[sid].plugin,
-                "plugin_version": steps[sid].plugin_version,
-                "artifacts": [a.path for a in store.artifacts_of(job.id, sid)],
-            }
-            for sid in order
-            if sid in steps
-        ],
-        "deliveries": [
-            {
-                "step": d.step_id,
-                "destination": d.destination,
-                "item": d.item_key,
-                "status": d.status,
-                "attempts": d.attempts,
-                "error": d.last_error,
-            }
-            for d in store.deliveries_of(job.id)
-        ],
-    }
-
-
 def _print_job(summary: dict[str, Any]) -> None:
     typer.echo(
         f"job {summary['job']}  {summary['workflow']}  {summary['status'].upper()}"
@@ -236,6 +183,7 @@ def run(
     from rtauto.engine.engine import Engine
     from rtauto.ingest.assembler import create_job_for
     from rtauto.ingest.spool import Spool
+    from rtauto.store.summary import job_summary
     from rtauto.workflow import load_workflow_with_overrides
 
     out = out.resolve()
@@ -535,6 +483,8 @@ def jobs(
     as_json: JsonOpt = False,
 ) -> None:
     """List jobs (newest first), or show one job with its steps, artifacts and deliveries."""
+    from rtauto.store.summary import job_summary
+
     settings = _settings(config, home)
     store = _store(settings)
     if job_id:

@@ -121,8 +121,18 @@ def test_batch_runs_reports_resumes_retries_and_reruns_with_an_override(
     )
     by_patient = {row["patient_id"]: row for row in retried["rows"]}
     assert by_patient["COHORT-2"]["job"] != rows["COHORT-2"]["job"]
-    assert ".retry-" in Path(by_patient["COHORT-2"]["outputs"]).name
+    assert Path(by_patient["COHORT-2"]["outputs"]).name.endswith(".retry-1")
     assert by_patient["COHORT-0"]["job"] == rows["COHORT-0"]["job"]
+    # later runs report the retry, and a second retry is a new one
+    latest = json.loads(batch(str(workflow), str(cohort), "--out", str(out), "--json").stdout)
+    assert {r["patient_id"]: r["job"] for r in latest["rows"]}["COHORT-2"] == (
+        by_patient["COHORT-2"]["job"]
+    )
+    second = json.loads(
+        batch(str(workflow), str(cohort), "--out", str(out), "--retry-failed", "--json").stdout
+    )
+    [broken] = [r for r in second["rows"] if r["patient_id"] == "COHORT-2"]
+    assert Path(broken["outputs"]).name.endswith(".retry-2")
 
     # an override is a new workflow version: a new run folder, every case run again
     wider = json.loads(

@@ -155,7 +155,7 @@ def create_app(
     last_tick: Callable[[], float] = time.time,
 ) -> FastAPI:
     """The web application over ``store``; the callables give the daemon's live state."""
-    from rtauto.cli import job_summary
+    from rtauto.store.summary import job_summary
 
     app = FastAPI(title="rtauto", version=__version__)
 

@@ -1,0 +1,60 @@
+"""A job as the command line, the dashboard's API and batch reports show it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["job_summary"]
+
+
+def job_summary(store: Any, job_id: str) -> dict[str, Any]:
+    """The summary ``rtauto run --json`` and ``rtauto jobs --json`` print for a job."""
+    job = store.get_job(job_id)
+    steps = {s.step_id: s for s in store.steps_of(job.id)}
+    order = [s.step_id for s in steps.values()]
+    try:
+        import yaml
+
+        order = [s["id"] for s in yaml.safe_load(job.workflow_text)["steps"]]
+    except Exception:
+        pass
+    return {
+        "job": job.id,
+        "status": job.status,
+        "workflow": job.workflow_name,
+        "workflow_hash": job.workflow_hash,
+        "study_instance_uid": job.study_uid,
+        "series_instance_uid": job.series_uid,
+        "work_dir": job.work_dir,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "error": job.error,
+        "steps": [
+            {
+                "id": sid,
+                "uses": steps[sid].uses,
+                "outcome": steps[sid].status,
+                "attempts": steps[sid].attempts,
+                "outputs": steps[sid].outputs or {},
+                "summary": steps[sid].summary,
+                "error": steps[sid].error,
+                "plugin": steps[sid].plugin,
+                "plugin_version": steps[sid].plugin_version,
+                "artifacts": [a.path for a in store.artifacts_of(job.id, sid)],
+            }
+            for sid in order
+            if sid in steps
+        ],
+        "deliveries": [
+            {
+                "step": d.step_id,
+                "destination": d.destination,
+                "item": d.item_key,
+                "status": d.status,
+                "attempts": d.attempts,
+                "error": d.last_error,
+            }
+            for d in store.deliveries_of(job.id)
+        ],
+    }
