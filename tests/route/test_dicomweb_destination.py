@@ -16,7 +16,7 @@ from rtauto.errors import StepFailed, StepRetry
 from rtauto.route.dicomweb import DicomWebDestinationConfig, send_dicomweb
 from rtauto.route.steps import RouteSendParams, route_send
 from rtauto.steps import Artifact
-from rtauto.testing import OrthancServer, free_port, write_ct_series
+from rtauto.testing import DICOMWEB_PLUGIN, OrthancServer, free_port, write_ct_series
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -24,8 +24,14 @@ def dataset_bytes(path: Path) -> bytes:
     return path.read_bytes()[offset:]
 
 
+def require_dicomweb_plugin() -> None:
+    if not DICOMWEB_PLUGIN.exists():
+        pytest.skip("Orthanc's DICOMweb plugin is not installed (`make install` installs it)")
+
+
 @pytest.fixture
 def dicomweb_orthanc(tmp_path: Path):
+    require_dicomweb_plugin()
     with OrthancServer(tmp_path / "orthanc-web", dicomweb=True) as server:
         yield server
 
@@ -74,6 +80,7 @@ def test_route_send_stows_only_dicom_and_records_deliveries(
 
 
 def test_basic_authentication_from_an_environment_variable(tmp_path, monkeypatch):
+    require_dicomweb_plugin()
     ct = write_ct_series(tmp_path / "ct", rows=16, cols=16, slices=2).files
     with OrthancServer(tmp_path / "locked", dicomweb=True, users={"rt": "s3cret"}) as server:
         config = DicomWebDestinationConfig(
