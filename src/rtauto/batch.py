@@ -3,9 +3,9 @@
 ``rtauto batch WORKFLOW COHORT... --out DIR`` is what a researcher re-running a cohort with a
 new model version uses:
 
-* every file under the COHORT folders is read into the batch's own spool (``DIR/.rtauto``),
-  exactly as ``rtauto run`` reads its inputs; files that are not valid DICOM are quarantined
-  and listed in the report;
+* every file under the COHORT folders (hidden ones left out) is read into the batch's own
+  spool (``DIR/.rtauto``), exactly as ``rtauto run`` reads its inputs; files that are not
+  valid DICOM are quarantined and listed in the report;
 * each study (StudyInstanceUID) is one **case**: one job of the workflow with all the study's
   series as input, run by the daemon's engine with ``--jobs`` worker processes;
 * each workflow version (its content hash) gets a run folder, ``DIR/runs/<hash[:12]>/``, with
@@ -28,7 +28,7 @@ import csv
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,23 +84,6 @@ class BatchReport:
         }
 
 
-def _files(inputs: Iterable[Path]) -> list[Path]:
-    found: list[Path] = []
-    for item in inputs:
-        if item.is_dir():
-            found += sorted(
-                p
-                for p in item.rglob("*")
-                if p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(item).parts)
-            )
-        elif item.is_file():
-            found.append(item)
-        else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
-    return found
-
-
 def _case_name(patient_id: str, study_uid: str, taken: set[str]) -> str:
     base = f"{patient_id or 'unknown'}_{study_uid.rsplit('.', 1)[-1][-8:]}".translate(_SAFE)
     name, n = base, 1
@@ -115,7 +98,7 @@ def run_batch(
     settings: Settings,
     host: Any,
     loaded: LoadedWorkflow,
-    inputs: Sequence[Path],
+    files: Sequence[Path],
     out: Path,
     *,
     overrides: Sequence[str] = (),
@@ -123,7 +106,7 @@ def run_batch(
     on_ingest: Callable[[int, int], None] | None = None,
     on_progress: Callable[[int, int, int], None] | None = None,
 ) -> BatchReport:
-    """Run ``loaded`` on every study under ``inputs``; the report is also written to the run
+    """Run ``loaded`` on every study among ``files``; the report is also written to the run
     folder (:func:`run_folder`).
 
     ``on_ingest(done, total)`` follows the reading of the files, ``on_progress(finished, ok,
@@ -139,7 +122,6 @@ def run_batch(
     settings.ensure_dirs()
     store = Store(settings.database_url, migrate=True)
     spool = Spool(settings)
-    files = _files(inputs)
     cases: dict[str, Case] = {}
     refused: list[dict[str, str]] = []
     pending: list[Any] = []  # index rows, committed together
@@ -273,14 +255,15 @@ def _write_report(report: BatchReport, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "batch.json").write_text(json.dumps(report.to_json(), indent=2, default=str))
     step_ids = sorted({step for row in report.rows for step in row["steps"]})
-    metrics = sorted(
+    metrics = [
         {
-            f"{step}:{name}"
-            for row in report.rows
+            f"{step}:{name}": value
             for step, outputs in row["step_outputs"].items()
-            for name in (outputs or {}).get("metrics") or {}
+            for name, value in ((outputs or {}).get("metrics") or {}).items()
         }
-    )
+        for row in report.rows
+    ]
+    metric_columns = sorted({column for found in metrics for column in found})
     columns = [
         "case",
         "patient_id",
@@ -292,19 +275,14 @@ def _write_report(report: BatchReport, out: Path) -> None:
         "error",
         "seconds",
         *(f"step:{s}" for s in step_ids),
-        *metrics,
+        *metric_columns,
         "outputs",
         "job",
     ]
     with (out / "batch.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
         writer.writeheader()
-        for row in report.rows:
+        for row, found in zip(report.rows, metrics, strict=True):
             values = {k: row[k] for k in columns if k in row}
             values.update((f"step:{s}", row["steps"].get(s, "")) for s in step_ids)
-            for column in metrics:
-                step, name = column.split(":", 1)
-                values[column] = ((row["step_outputs"].get(step) or {}).get("metrics") or {}).get(
-                    name, ""
-                )
-            writer.writerow(values)
+            writer.writerow({**values, **found})

@@ -135,7 +135,8 @@ def serve(
 # --------------------------------------------------------------------------------------------
 
 
-def _collect_files(inputs: list[Path]) -> list[Path]:
+def _collect_files(inputs: list[Path], command: str = "run") -> list[Path]:
+    """The files given and those under the folders given (hidden ones left out)."""
     files: list[Path] = []
     for item in inputs:
         if item.is_dir():
@@ -145,7 +146,7 @@ def _collect_files(inputs: list[Path]) -> list[Path]:
         elif item.is_file():
             files.append(item)
         else:
-            _die(f"rtauto run: {item}: no such file or folder")
+            _die(f"rtauto {command}: {item}: no such file or folder")
     return files
 
 
@@ -184,7 +185,6 @@ def run(
     from rtauto.ingest.assembler import create_job_for
     from rtauto.ingest.spool import Spool
     from rtauto.store.summary import job_summary
-    from rtauto.workflow import load_workflow_with_overrides
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -194,14 +194,7 @@ def run(
         log_level,
         models_dir=models.resolve() if models else None,
     )
-    try:
-        loaded = load_workflow_with_overrides(
-            workflow, overrides or [], host.steps, destinations=set(settings.destinations)
-        )
-    except WorkflowError as exc:
-        _die("\n".join(exc.problems))
-    except ValueError as exc:
-        _die(str(exc))
+    loaded = _load_workflow(workflow, overrides, host, settings)
     settings.ensure_dirs()
     store = _store(settings)
     spool = Spool(settings)
@@ -283,6 +276,23 @@ def _without_daemon(
     return settings, host
 
 
+def _load_workflow(
+    workflow: Path, overrides: list[str] | None, host: Any, settings: Settings
+) -> Any:
+    """The workflow file with its ``--set`` overrides, checked; exits 2 naming the problems."""
+    from rtauto.workflow import load_workflow_with_overrides
+
+    try:
+        return load_workflow_with_overrides(
+            workflow, overrides or [], host.steps, destinations=set(settings.destinations)
+        )
+    except WorkflowError as exc:
+        _die("\n".join(exc.problems))
+    except ValueError as exc:
+        _die(str(exc))
+    raise AssertionError("unreachable")
+
+
 @app.command()
 def batch(
     workflow: Annotated[Path, typer.Argument(help="workflow YAML file")],
@@ -303,7 +313,6 @@ def batch(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from rtauto.batch import run_batch, run_folder
-    from rtauto.workflow import load_workflow_with_overrides
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -315,14 +324,7 @@ def batch(
         models_dir=models.resolve() if models else None,
         own_store=True,
     )
-    try:
-        loaded = load_workflow_with_overrides(
-            workflow, overrides or [], host.steps, destinations=set(settings.destinations)
-        )
-    except WorkflowError as exc:
-        _die("\n".join(exc.problems))
-    except ValueError as exc:
-        _die(str(exc))
+    loaded = _load_workflow(workflow, overrides, host, settings)
     columns = (
         "{task.description}",
         BarColumn(),
@@ -347,21 +349,17 @@ def batch(
                 note=f"{ok} ok, {failed} failed" if failed else f"{ok} ok",
             )
 
-        try:
-            report = run_batch(
-                settings,
-                host,
-                loaded,
-                cohort,
-                out,
-                overrides=overrides or [],
-                retry_failed=retry_failed,
-                on_ingest=on_ingest,
-                on_progress=on_progress,
-            )
-        except FileNotFoundError as exc:
-            _die(f"rtauto batch: {exc}")
-            raise  # unreachable
+        report = run_batch(
+            settings,
+            host,
+            loaded,
+            _collect_files(cohort, "batch"),
+            out,
+            overrides=overrides or [],
+            retry_failed=retry_failed,
+            on_ingest=on_ingest,
+            on_progress=on_progress,
+        )
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2, default=str))
     else:

@@ -349,17 +349,14 @@ def make_tls_files(
     def run(*args: str) -> None:
         subprocess.run([openssl, *args], check=True, capture_output=True)
 
-    def signed(name: str, subject: str, extension: str | None) -> tuple[Path, Path]:
+    def signed(name: str, subject: str, extension: str) -> tuple[Path, Path]:
         key, csr, cert = folder / f"{name}.key", folder / f"{name}.csr", folder / f"{name}.pem"
+        ext = folder / f"{name}.ext"
+        ext.write_text(extension + "\n")
         run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
             "-subj", f"/CN={subject}")  # fmt: skip
-        extra: list[str] = []
-        if extension:
-            ext = folder / f"{name}.ext"
-            ext.write_text(extension + "\n")
-            extra = ["-extfile", str(ext)]
         run("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
-            "-CAcreateserial", "-out", str(cert), "-days", "2", *extra)  # fmt: skip
+            "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))  # fmt: skip
         return cert, key
 
     run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out",

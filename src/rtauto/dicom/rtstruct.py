@@ -21,6 +21,7 @@ references were rewritten still reads onto its CT.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -282,10 +283,11 @@ def slice_polygons(mask: np.ndarray, *, keyhole: bool = False) -> list[tuple[int
     ]
     if not keyhole:
         return polygons
-    spliced: list[tuple[int, np.ndarray]] = []
-    for k in dict.fromkeys(k for k, _ in polygons):
-        spliced.extend((k, polygon) for polygon in _keyhole([p for j, p in polygons if j == k]))
-    return spliced
+    return [
+        (k, polygon)
+        for k, group in itertools.groupby(polygons, key=lambda item: item[0])
+        for polygon in _keyhole([p for _, p in group])
+    ]
 
 
 # --------------------------------------------------------------------------------------------

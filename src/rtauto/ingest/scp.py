@@ -116,7 +116,7 @@ def server_tls_context(tls: ScpTls) -> ssl.SSLContext:
         if tls.client_ca_file is not None:
             context.load_verify_locations(cafile=str(tls.client_ca_file))
             context.verify_mode = ssl.CERT_REQUIRED
-    except (OSError, ssl.SSLError) as exc:
+    except OSError as exc:  # ssl.SSLError included
         raise ConfigError(
             f"scp.tls: cannot load {tls.cert_file}, {tls.key_file}"
             + (f" or {tls.client_ca_file}" if tls.client_ca_file else "")
@@ -482,12 +482,12 @@ class StorageSCP:
         """Start listening (``settings.scp.port``; 0 lets the OS choose) and return the port."""
         scp = self.settings.scp
         self.settings.ensure_dirs()
-        if scp.tls is not None:
-            server_tls_context(scp.tls)  # a bad certificate fails here, before any child starts
         if scp.processes == 1:
             self._receiver = _Receiver(self.settings, self.store_url)
             self.port = self._receiver.start(scp.port, reuse_port=False)
             return self.port
+        if scp.tls is not None:
+            server_tls_context(scp.tls)  # a bad certificate fails here, before any child starts
         # hold the port (bound, never listening) so every child binds the same one
         self._reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

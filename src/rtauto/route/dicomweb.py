@@ -119,7 +119,10 @@ def _value(item: dict[str, Any], tag: str) -> Any:
 
 
 def _post(
-    config: DicomWebDestinationConfig, paths: Sequence[Path]
+    config: DicomWebDestinationConfig,
+    paths: Sequence[Path],
+    authorization: str | None,
+    context: ssl.SSLContext | None,
 ) -> tuple[int, dict[str, Any] | None]:
     """One STOW-RS request: (HTTP status, the answer data set or None)."""
     boundary = f"rtauto-{uuid.uuid4().hex}"
@@ -132,17 +135,16 @@ def _post(
             "Accept": "application/dicom+json",
         },
     )
-    authorization = _authorization(config)
     if authorization:
         request.add_header("Authorization", authorization)
     try:
         with urllib.request.urlopen(
-            request, timeout=config.timeout_seconds, context=_context(config)
+            request, timeout=config.timeout_seconds, context=context
         ) as response:
             status, text = response.status, response.read()
     except urllib.error.HTTPError as exc:
         status, text = exc.code, exc.read()
-    except (urllib.error.URLError, OSError) as exc:  # refused, unreachable, timed out, TLS
+    except OSError as exc:  # URLError: refused, unreachable, timed out, TLS
         reason = getattr(exc, "reason", exc)
         raise StepRetry(f"DICOMweb service {config.url} unreachable: {reason}") from exc
     try:
@@ -171,10 +173,11 @@ def send_dicomweb(
         except Exception as exc:  # noqa: BLE001 - an unreadable file is reported, not raised
             problems.append(f"{path}: not a readable DICOM file ({exc})")
     uids = list(by_uid)
+    authorization, context = _authorization(config), _context(config)
     for start in range(0, len(uids), config.batch):
         batch = uids[start : start + config.batch]
         try:
-            status, answer = _post(config, [by_uid[u] for u in batch])
+            status, answer = _post(config, [by_uid[u] for u in batch], authorization, context)
         except StepRetry as exc:
             raise StepRetry(f"{exc}; {len(uids) - start} instance(s) not delivered") from exc
         if status in _RETRY_STATUSES or status >= 500:

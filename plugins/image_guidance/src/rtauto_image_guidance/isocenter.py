@@ -15,10 +15,10 @@ one), so the plan's isocentre is where couch rotations turn in the daily image t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import pydicom
@@ -41,6 +41,7 @@ _PLAN_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.481.8": "RT Ion Plan",
 }
 _SAME_MM = 0.1  # isocentres closer than this are one
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,15 @@ class PlanIsocenter:
     found_in: str  # "input" | "store"
 
 
+def _distinct(items: Iterable[T], position: Callable[[T], np.ndarray]) -> list[T]:
+    """``items`` less those within _SAME_MM of an earlier one."""
+    kept: list[T] = []
+    for item in items:
+        if all(np.linalg.norm(position(item) - position(k)) >= _SAME_MM for k in kept):
+            kept.append(item)
+    return kept
+
+
 def plan_isocenters(plan: pydicom.Dataset) -> list[np.ndarray]:
     """The distinct isocentres of a plan's treatment beams (photon, electron or ion)."""
     beams = list(plan.get("BeamSequence", [])) + list(plan.get("IonBeamSequence", []))
@@ -62,12 +72,9 @@ def plan_isocenters(plan: pydicom.Dataset) -> list[np.ndarray]:
             continue
         points = beam.get("ControlPointSequence") or beam.get("IonControlPointSequence") or []
         position = points[0].get("IsocenterPosition") if points else None
-        if position is None or len(position) != 3:
-            continue
-        iso = np.array([float(v) for v in position])
-        if not any(np.linalg.norm(iso - other) < _SAME_MM for other in found):
-            found.append(iso)
-    return found
+        if position is not None and len(position) == 3:
+            found.append(np.array([float(v) for v in position]))
+    return _distinct(found, lambda iso: iso)
 
 
 def _plans_in(files: Iterable[Path]) -> Iterable[pydicom.Dataset]:
@@ -107,7 +114,7 @@ def find_plan_isocenter(
     on that Frame of Reference.
     """
     sources = (
-        ("input", lambda: [f for s in ctx.study.series if s.modality == "RTPLAN" for f in s.files]),
+        ("input", lambda: [f for s in ctx.study.by_modality("RTPLAN") for f in s.files]),
         ("store", lambda: _store_plan_files(ctx, patient_id)),
     )
     for found_in, files in sources:
@@ -126,12 +133,7 @@ def find_plan_isocenter(
                         found_in=found_in,
                     )
                 )
-        distinct: list[PlanIsocenter] = []
-        for candidate in candidates:
-            if not any(
-                np.linalg.norm(candidate.position - d.position) < _SAME_MM for d in distinct
-            ):
-                distinct.append(candidate)
+        distinct = _distinct(candidates, lambda candidate: candidate.position)
         if len(distinct) == 1:
             return distinct[0], ""
         if len(distinct) > 1:
