@@ -8,6 +8,9 @@ dcmtk ``storescu`` pushes a synthetic CT series (``--slices`` slices of 512x512,
   fsync before success) and one job-store row per instance (committed in the background);
 * dcmtk ``storescp`` (one association) and ``storescp --fork`` (4 associations);
 * Orthanc;
+* as context, not a target: the reference the issue was measured with, a bare pynetdicom
+  handler in one process writing the raw data set bytes with ``fdatasync``
+  (``bench/bare_pynetdicom_scp.py``): no validation, no index, no folder fsync;
 * as context, not a target: ``storescp`` made durable like rtauto by an ``LD_PRELOAD`` shim
   (``bench/durable_writes.c``, built with gcc into ``.bench/``; left out without gcc) that
   flushes every file it writes and its folder before the C-STORE is answered. The figures
@@ -96,6 +99,23 @@ def storescp_target(work: Path, fork: bool, preload: Path | None = None) -> Iter
     try:
         wait_for_port(port)
         yield port, "STORESCP", lambda: sum(1 for _ in out.iterdir())
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+@contextmanager
+def bare_pynetdicom_target(work: Path) -> Iterator[Receiver]:
+    """The issue's reference: a bare pynetdicom handler in one process (fdatasync per file)."""
+    out = work / "bare"
+    port = free_port()
+    script = Path(__file__).with_name("bare_pynetdicom_scp.py")
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(port), str(out)], stdout=subprocess.DEVNULL
+    )
+    try:
+        wait_for_port(port)
+        yield port, "BARE", lambda: sum(1 for _ in out.iterdir())
     finally:
         process.terminate()
         process.wait(timeout=20)
@@ -233,6 +253,10 @@ def measure_job_start_latency(series_count: int = 5, quiet: float = 1.0) -> floa
     return statistics.median(latencies)
 
 
+def _median_ratio(ours: Sequence[float], theirs: Sequence[float]) -> float:
+    return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slices", type=int, default=300)
@@ -263,10 +287,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     def orthanc(work: Path, associations: int) -> AbstractContextManager[Receiver]:
         return orthanc_target(work)
 
+    def bare(work: Path, associations: int) -> AbstractContextManager[Receiver]:
+        return bare_pynetdicom_target(work)
+
     targets: list[tuple[str, Target]] = [
         ("rtauto", rtauto),
         ("storescp", storescp),
         ("orthanc", orthanc),
+        ("bare pynetdicom", bare),
     ]
     shim = durable_writes_shim()
     if shim is not None:
@@ -349,6 +377,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{statistics.median(cost):.2f}x plain storescp; rtauto / it: "
                 f"{statistics.median(ours):.2f}x"
             )
+    for associations in (1, CONCURRENCY):
+        bare_rates = results[("bare pynetdicom", associations)]
+        label = "storescp --fork" if associations > 1 else "storescp"
+        print(
+            f"  context, the issue's reference (bare pynetdicom handler, one process, fdatasync)"
+            f", {associations} assoc: {statistics.median(bare_rates):.1f} images/s, "
+            f"{_median_ratio(bare_rates, results[('storescp', associations)]):.2f}x {label}; "
+            f"rtauto / it: {_median_ratio(results[('rtauto', associations)], bare_rates):.2f}x"
+        )
     try:
         latency = measure_job_start_latency()
         print(f"median job start latency beyond the quiet period: {latency:.2f} s")
