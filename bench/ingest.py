@@ -87,38 +87,38 @@ def rtauto_target(work: Path, processes: int) -> Iterator[Receiver]:
 
 
 @contextmanager
-def storescp_target(work: Path, fork: bool, preload: Path | None = None) -> Iterator[Receiver]:
-    out = work / "storescp"
+def _server_process(
+    cmd: list[str], port: int, ae_title: str, out: Path, env: dict[str, str] | None = None
+) -> Iterator[Receiver]:
+    """A receiver run as ``cmd`` on ``port``, holding one file in ``out`` per instance."""
     out.mkdir(parents=True)
-    port = free_port()
-    cmd = ["storescp", *(["--fork"] if fork else []), "-od", str(out), str(port)]
-    env = nodelay_env()
-    if preload is not None:
-        env["LD_PRELOAD"] = str(preload)
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     try:
         wait_for_port(port)
-        yield port, "STORESCP", lambda: sum(1 for _ in out.iterdir())
+        yield port, ae_title, lambda: sum(1 for _ in out.iterdir())
     finally:
         process.terminate()
         process.wait(timeout=20)
 
 
-@contextmanager
-def bare_pynetdicom_target(work: Path) -> Iterator[Receiver]:
+def storescp_target(
+    work: Path, fork: bool, preload: Path | None = None
+) -> AbstractContextManager[Receiver]:
+    out = work / "storescp"
+    port = free_port()
+    env = nodelay_env()
+    if preload is not None:
+        env["LD_PRELOAD"] = str(preload)
+    cmd = ["storescp", *(["--fork"] if fork else []), "-od", str(out), str(port)]
+    return _server_process(cmd, port, "STORESCP", out, env)
+
+
+def bare_pynetdicom_target(work: Path) -> AbstractContextManager[Receiver]:
     """The issue's reference: a bare pynetdicom handler in one process (fdatasync per file)."""
     out = work / "bare"
     port = free_port()
     script = Path(__file__).with_name("bare_pynetdicom_scp.py")
-    process = subprocess.Popen(
-        [sys.executable, str(script), str(port), str(out)], stdout=subprocess.DEVNULL
-    )
-    try:
-        wait_for_port(port)
-        yield port, "BARE", lambda: sum(1 for _ in out.iterdir())
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+    return _server_process([sys.executable, str(script), str(port), str(out)], port, "BARE", out)
 
 
 def durable_writes_shim() -> Path | None:
