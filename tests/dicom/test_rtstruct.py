@@ -11,6 +11,7 @@ from skimage.measure import find_contours
 
 from rtauto.dicom.geometry import GeometryError, Volume, load_series
 from rtauto.dicom.rtstruct import (
+    ContourLimitError,
     Structure,
     mask_to_polygons,
     rasterize_even_odd,
@@ -230,3 +231,19 @@ def test_mask_shape_and_interpreted_type_are_checked(tmp_path: Path) -> None:
             volume, [Structure("BODY", volume.array > 0, interpreted_type="BODY")], tmp_path / "x"
         )
     assert not (tmp_path / "x.dcm").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_structure_beyond_max_contours_is_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    volume = _series(tmp_path / "ct")
+    scattered = np.zeros(volume.shape, bool)
+    scattered[2:12, 4:64:4, 4:60:4] = True  # 15 x 14 separate voxels on each of 10 slices
+    structures = [*_structures(volume), Structure("Speckle", scattered)]
+    with pytest.raises(ContourLimitError, match="Speckle: 2100 contours on 10 slices"):
+        write_rtstruct(volume, structures, tmp_path / "rs.dcm", max_contours=2000)
+    assert not (tmp_path / "rs.dcm").exists()
+    # the organs of _structures stay far below a limit that stops the speckle
+    write_rtstruct(volume, structures[:-1], tmp_path / "rs.dcm", max_contours=100)
+    read, _ = read_rtstruct(tmp_path / "rs.dcm", volume)
+    assert [s.name for s in read] == ["BODY", "Ring", "Nodule"]

@@ -9,6 +9,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+import torch
 import yaml
 from pydantic import ValidationError
 from rtauto_autocontour.inference import reorient
@@ -219,4 +220,52 @@ def test_backend_no_plugin_provides_fails_and_writes_nothing(tmp_path: Path, mak
     ctx = make_context(series.files, models_dir=models)
     with pytest.raises(StepFailed, match="no backend 'tensorrt'"):
         run_segment(ctx, SegmentParams(model="demo-thorax@1"))
+    assert list(ctx.workdir.iterdir()) == [] and ctx.artifacts == []
+
+
+class _Untrained(torch.nn.Module):
+    """What a network gives before training: logits that do not depend on the image."""
+
+    def __init__(self, patch: list[int], channels: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer("noise", torch.randn((1, channels, *patch), generator=generator))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image * 0 + self.noise
+
+
+def test_a_model_whose_output_is_noise_fails_and_writes_nothing(
+    tmp_path: Path, make_context
+) -> None:
+    card = yaml.safe_load((MODELS / "demo-thorax" / "1" / "model.yaml").read_text())
+    folder = tmp_path / "models" / "untrained" / "1"
+    folder.mkdir(parents=True)
+    torch.onnx.export(
+        _Untrained(card["patch_size"], len(card["labels"]) + 1),
+        torch.zeros((1, 1, *card["patch_size"])),
+        str(folder / "model.onnx"),
+        dynamo=False,
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    card.update(name="untrained", weights="model.onnx", sha256=sha256_of(folder / "model.onnx"))
+    for spec in card["labels"].values():
+        spec.update(largest_component=False, fill_holes=False)
+    (folder / "model.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+    series, _ = _ct(tmp_path / "ct")
+
+    # the trained model's organs: a few contours a slice, far below the limit
+    ctx = make_context(series.files, name="trained")
+    run_segment(ctx, SegmentParams(model="demo-thorax@1", max_contours=500))
+    assert len(ctx.artifacts) == 1
+
+    ctx = make_context(series.files, models_dir=tmp_path / "models", name="untrained")
+    with pytest.raises(
+        StepFailed,
+        match=r"model untrained@1: structure Lung_L: \d{4,} contours on 32 slices, more than "
+        r"the limit of 500; .*Nothing was written",
+    ):
+        run_segment(ctx, SegmentParams(model="untrained@1", output="both", max_contours=500))
     assert list(ctx.workdir.iterdir()) == [] and ctx.artifacts == []

@@ -41,6 +41,7 @@ from rtauto.uids import new_uid
 
 __all__ = [
     "RTSTRUCT_INTERPRETED_TYPES",
+    "ContourLimitError",
     "Structure",
     "StructureSetInfo",
     "mask_to_polygons",
@@ -50,6 +51,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+class ContourLimitError(ValueError):
+    """A structure traced into more contours than the writer was allowed (``max_contours``):
+    a mask of scattered voxels, such as a model whose output is noise, not an organ."""
+
 
 # PS3.3 C.8.8.8: defined terms of RTROIInterpretedType.
 RTSTRUCT_INTERPRETED_TYPES = (
@@ -359,6 +366,7 @@ def write_rtstruct(
     drop_empty: bool = False,
     sop_instance_uid: str | None = None,
     series_instance_uid: str | None = None,
+    max_contours: int | None = None,
 ) -> Dataset:
     """Write an RTSTRUCT referencing ``volume``'s images; returns the written dataset.
 
@@ -367,6 +375,9 @@ def write_rtstruct(
     ``volume``'s. ``derivation_description`` goes into StructureSetDescription (the RT
     Structure Set IOD has no DerivationDescription). New UIDs come from
     :func:`rtauto.uids.new_uid` unless given (a step retried after a crash passes its own).
+
+    ``max_contours``: a structure that traces into more contours raises
+    :class:`ContourLimitError` before anything is written.
     """
     if not volume.headers:
         raise GeometryError("the volume carries no image headers to reference")
@@ -459,6 +470,13 @@ def write_rtstruct(
         number = structure.number or number + 1
         contour_sequence = DicomSequence()
         polygons = slice_polygons(structure.mask, keyhole=keyhole)
+        if max_contours is not None and len(polygons) > max_contours:
+            on_slices = len({k for k, _ in polygons})
+            raise ContourLimitError(
+                f"structure {structure.name}: {len(polygons)} contours on {on_slices} slices, "
+                f"more than the limit of {max_contours}; the mask is scattered voxels, not "
+                "an organ"
+            )
         if polygons:
             # every point of the structure mapped through the affine at once
             counts = [len(polygon) for _, polygon in polygons]

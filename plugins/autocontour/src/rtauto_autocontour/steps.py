@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from rtauto.dicom.geometry import GeometryError, Volume, load_series
-from rtauto.dicom.rtstruct import Structure, write_rtstruct
+from rtauto.dicom.rtstruct import ContourLimitError, Structure, write_rtstruct
 from rtauto.dicom.seg import write_seg
 from rtauto.errors import StepFailed
 from rtauto.steps import StepContext, StepResult, StepType
@@ -60,6 +60,13 @@ class SegmentParams(BaseModel):
     drop_empty: bool = Field(False, description="leave out structures the model did not find")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     sw_batch_size: int = Field(4, ge=1, le=64, description="patches per backend call")
+    max_contours: int = Field(
+        20_000,
+        ge=1,
+        description="a structure traced into more contours fails the step: the model's output "
+        "is scattered voxels (untrained weights, or a card whose normalisation or orientation "
+        "does not match the network), which no TPS should be sent",
+    )
 
 
 class ThresholdParams(BaseModel):
@@ -112,6 +119,7 @@ def _write_outputs(
     extra_versions: Sequence[str],
     extra_description: str,
     provenance: dict[str, Any],
+    max_contours: int | None = None,
 ) -> dict[str, str]:
     """Write RTSTRUCT and/or SEG atomically into the workdir and record them as artifacts."""
     versions = [*ctx.provenance.software_versions(), *extra_versions]
@@ -119,6 +127,7 @@ def _write_outputs(
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     uids: dict[str, str] = {}
     written: list[tuple[Path, Path, str, str]] = []
+    partial: Path | None = None  # the file being written
     try:
         if output in ("rtstruct", "both"):
             uid = new_uid()
@@ -136,6 +145,7 @@ def _write_outputs(
                 keyhole=keyhole,
                 drop_empty=drop_empty,
                 sop_instance_uid=uid,
+                max_contours=max_contours,
             )
             written.append((partial, final, "RTSTRUCT", uid))
         if output in ("seg", "both"):
@@ -158,8 +168,8 @@ def _write_outputs(
             )
             written.append((partial, final, "SEG", uid))
     except Exception:
-        for partial, _, _, _ in written:
-            partial.unlink(missing_ok=True)
+        for path in [p for p, _, _, _ in written] + ([partial] if partial else []):
+            path.unlink(missing_ok=True)
         raise
     for partial, final, kind, uid in written:
         os.replace(partial, final)
@@ -223,19 +233,27 @@ def run_segment(ctx: StepContext, params: SegmentParams) -> StepResult:
         "provider": result.provider,
     }
     writing = time.perf_counter()
-    uids = _write_outputs(
-        ctx,
-        volume,
-        structures,
-        params.output,
-        keyhole=params.keyhole,
-        drop_empty=params.drop_empty,
-        label=card.name,
-        algorithm=(card.name, card.version),
-        extra_versions=[f"model {model.ref}"],
-        extra_description=f"; model {model.ref} (card sha256 {model.card_hash})",
-        provenance=provenance,
-    )
+    try:
+        uids = _write_outputs(
+            ctx,
+            volume,
+            structures,
+            params.output,
+            keyhole=params.keyhole,
+            drop_empty=params.drop_empty,
+            label=card.name,
+            algorithm=(card.name, card.version),
+            extra_versions=[f"model {model.ref}"],
+            extra_description=f"; model {model.ref} (card sha256 {model.card_hash})",
+            provenance=provenance,
+            max_contours=params.max_contours,
+        )
+    except ContourLimitError as exc:
+        raise StepFailed(
+            f"model {model.ref}: {exc}. Nothing was written: check that the card's "
+            "normalization, orientation and spacing are those the network was trained with "
+            "(max_contours sets the limit)"
+        ) from exc
     write_seconds = time.perf_counter() - writing
     empty = [s.name for s in structures if not s.mask.any()]
     timings = {"load": round(load_seconds, 3)}
