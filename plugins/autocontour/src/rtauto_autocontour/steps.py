@@ -64,7 +64,7 @@ class SegmentParams(BaseModel):
         20_000,
         ge=1,
         description="a structure traced into more contours fails the step: the model's output "
-        "is scattered voxels (untrained weights, or a card whose normalisation or orientation "
+        "is scattered voxels (untrained weights, or a card whose normalization or orientation "
         "does not match the network), which no TPS should be sent",
     )
 
