@@ -61,7 +61,7 @@ class SegmentParams(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     sw_batch_size: int = Field(4, ge=1, le=64, description="patches per backend call")
     max_contours: int = Field(
-        20_000,
+        50_000,
         ge=1,
         description="a structure traced into more contours fails the step: the model's output "
         "is scattered voxels (untrained weights, or a card whose normalization or orientation "
