@@ -353,29 +353,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  rtauto / {label:<15} {associations} assoc: {value:5.2f}x  "
             f"[>= {goal}x] {verdict}   rounds: {', '.join(f'{r:.2f}' for r in ratios)}"
         )
-    nagle = [
-        ours / theirs
-        for ours, theirs in zip(
-            results[("rtauto", "nagle")], results[("storescp", "nagle")], strict=True
-        )
-    ]
+    nagle = _median_ratio(results[("rtauto", "nagle")], results[("storescp", "nagle")])
     print(
         f"  context, sender without TCP_NODELAY, 1 assoc: rtauto "
         f"{median('rtauto', 'nagle'):.1f} images/s, storescp {median('storescp', 'nagle'):.1f}"
-        f" ({statistics.median(nagle):.2f}x; storescp waits on delayed ACKs, rtauto does not)"
+        f" ({nagle:.2f}x; storescp waits on delayed ACKs, rtauto does not)"
     )
     if shim is not None:
         for associations in (1, CONCURRENCY):
             durable = results[("storescp, durable", associations)]
-            ours = [a / b for a, b in zip(results[("rtauto", associations)], durable, strict=True)]
-            cost = [
-                a / b for a, b in zip(durable, results[("storescp", associations)], strict=True)
-            ]
+            ours = _median_ratio(results[("rtauto", associations)], durable)
+            cost = _median_ratio(durable, results[("storescp", associations)])
             print(
                 f"  context, storescp{' --fork' if associations > 1 else ''} with durable writes "
                 f"(LD_PRELOAD), {associations} assoc: {statistics.median(durable):.1f} images/s, "
-                f"{statistics.median(cost):.2f}x plain storescp; rtauto / it: "
-                f"{statistics.median(ours):.2f}x"
+                f"{cost:.2f}x plain storescp; rtauto / it: {ours:.2f}x"
             )
     for associations in (1, CONCURRENCY):
         bare_rates = results[("bare pynetdicom", associations)]

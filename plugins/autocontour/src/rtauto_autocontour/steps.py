@@ -127,12 +127,13 @@ def _write_outputs(
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     uids: dict[str, str] = {}
     written: list[tuple[Path, Path, str, str]] = []
-    partial: Path | None = None  # the file being written
+    partials: list[Path] = []  # every file begun, finished or not
     try:
         if output in ("rtstruct", "both"):
             uid = new_uid()
             final = ctx.workdir / f"RS.{uid}.dcm"
             partial = ctx.workdir / f".RS.{uid}.partial"
+            partials.append(partial)
             write_rtstruct(
                 volume,
                 structures,
@@ -153,6 +154,7 @@ def _write_outputs(
             uid = new_uid()
             final = ctx.workdir / f"SEG.{uid}.dcm"
             partial = ctx.workdir / f".SEG.{uid}.partial"
+            partials.append(partial)
             write_seg(
                 volume,
                 kept,
@@ -168,8 +170,8 @@ def _write_outputs(
             )
             written.append((partial, final, "SEG", uid))
     except Exception:
-        for path in [p for p, _, _, _ in written] + ([partial] if partial else []):
-            path.unlink(missing_ok=True)
+        for partial in partials:
+            partial.unlink(missing_ok=True)
         raise
     for partial, final, kind, uid in written:
         os.replace(partial, final)
