@@ -330,9 +330,11 @@ def storescu(
     return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=timeout)
 
 
-def echoscu(port: int, *, host: str = "127.0.0.1", called_ae: str = "RTAUTO") -> bool:
-    """True when a C-ECHO from dcmtk's echoscu succeeds."""
-    cmd = [require_tool("echoscu"), "-aec", called_ae, host, str(port)]
+def echoscu(
+    port: int, *, host: str = "127.0.0.1", called_ae: str = "RTAUTO", repeat: int = 1
+) -> bool:
+    """True when dcmtk's echoscu succeeds: ``repeat`` C-ECHOs on one association."""
+    cmd = [require_tool("echoscu"), "-aec", called_ae, "--repeat", str(repeat), host, str(port)]
     return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
 
 

@@ -114,10 +114,11 @@ def test_release_and_verification(start_scp, settings: Settings):
     assoc = _associate(port, [build_context(Verification)])
     assert assoc.is_established
     assert assoc.send_c_echo().Status == 0x0000
-    assert assoc.send_c_echo().Status == 0x0000  # more than one message per association
     assoc.release()
     assert assoc.is_released
-    assert echoscu(port)  # dcmtk too
+    # more than one message per association, from dcmtk: pynetdicom's requestor can take the
+    # response to a second request for an unexpected message under load and time out
+    assert echoscu(port, repeat=3)
 
 
 @pytest.mark.parametrize(
