@@ -178,6 +178,14 @@ def run(
     config: ConfigOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="run every step but deliver nothing: what each routing step would send is "
+            "copied to OUT/dry-run/<destination>/ instead (destinations are still checked)",
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option("--log-level")] = "WARNING",
 ) -> None:
     """Run one workflow once on files or folders, with the daemon's engine but no daemon."""
@@ -227,19 +235,25 @@ def run(
         work_dir=out / "job",
     )
     warm = sorted({s.uses for s in loaded.workflow.steps})
-    engine = Engine(settings, store, host, warm=warm)
+    engine = Engine(settings, store, host, warm=warm, dry_run=out / "dry-run" if dry_run else None)
     try:
         engine.run_until_done([job.id])
     finally:
         engine.close()
     summary = job_summary(store, job.id)
     summary["refused_inputs"] = refused
+    if dry_run:
+        summary["dry_run"] = str(out / "dry-run")
     (out / "job.json").write_text(json.dumps(summary, indent=2))
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:
         _print_job(summary)
         typer.echo(f"outputs in {out / 'job'}")
+        if dry_run:
+            typer.echo(
+                f"dry run: nothing was delivered; what would have been is in {out / 'dry-run'}"
+            )
     raise typer.Exit(0 if summary["status"] == "ok" else 1)
 
 

@@ -244,6 +244,10 @@ class StepContext:
     max_attempts: int = 1  # the step's retry policy; attempt >= max_attempts is the last
     # destination types of the worker's plugins, by name (route steps resolve destinations)
     destination_types: Mapping[str, Any] = field(default_factory=dict)
+    # a dry run (``rtauto run --dry-run``): the folder that takes whatever the step would send
+    # outside rtauto (rtauto's routing steps copy their items there instead of delivering);
+    # None in ordinary runs. A step that talks to other systems itself must honour it.
+    dry_run: Path | None = None
 
     def add_artifact(
         self,

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from rtauto import hookimpl
 from rtauto.cli import add_plugin_commands
 from rtauto.hooks import build_plugin_manager
-from rtauto.testing import write_ct_series
+from rtauto.testing import ReceivingSCP, write_ct_series
 
 RTAUTO = [sys.executable, "-m", "rtauto.cli"]
 
@@ -122,6 +122,75 @@ def test_run_set_changes_a_step_param_and_the_recorded_version(tmp_path):
     invalid = rtauto(*args, "--set", "copy.send=everything")
     assert invalid.returncode == 2
     assert "(with --set)" in invalid.stderr and "copy.send=everything" in invalid.stderr
+
+
+ROUTED = """\
+name: route-ct
+trigger: {modality: CT}
+steps:
+  - id: tps
+    uses: route.dicom
+    with: {destination: tps, send: inputs}
+  - id: share
+    uses: route.folder
+    with: {path: %(share)s, send: inputs}
+destinations:
+  tps: {ae_title: TPS, host: 127.0.0.1, port: %(port)d}
+"""
+
+
+def test_run_dry_run_reaches_no_destination_and_shows_what_would_go(tmp_path):
+    series = write_ct_series(tmp_path / "ct", rows=16, cols=16, slices=3)
+    share = tmp_path / "share"
+    share.mkdir()
+    with ReceivingSCP(tmp_path / "tps", ae_title="TPS") as tps:
+        workflow = tmp_path / "route.yaml"
+        workflow.write_text(ROUTED % {"share": share, "port": tps.port})
+        out = tmp_path / "dry"
+        args = ["run", str(workflow), str(tmp_path / "ct"), "--out", str(out), "--json"]
+        result = rtauto(*args, "--dry-run")
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        assert summary["status"] == "ok" and summary["dry_run"] == str(out / "dry-run")
+        # nothing reached the DICOM node or the shared folder
+        assert tps.received == [] and list(share.iterdir()) == []
+        # what each routing step would have sent is under OUT/dry-run/<destination>/
+        by_step = {step["id"]: step for step in summary["steps"]}
+        assert by_step["tps"]["outputs"]["delivered"] == 3
+        assert by_step["tps"]["outputs"]["destination"] == "tps"
+        assert by_step["tps"]["summary"].startswith("dry run: 3 item(s) for tps (dicom)")
+        copied = {p.name for p in (out / "dry-run" / "tps").rglob("*.dcm")}
+        assert copied == {f"CT.{uid}.dcm" for uid in series.sop_instance_uids}
+        assert len(list((out / "dry-run" / "folder-share").rglob("*.dcm"))) == 3
+        # the job's delivery records name the stand-in folders, so a replay stays dry too
+        home = str(out / ".rtauto")
+        job = json.loads(rtauto("jobs", summary["job"], "--home", home, "--json").stdout)
+        assert {d["destination"] for d in job["deliveries"]} == {
+            f"folder:{(out / 'dry-run' / name).resolve()}" for name in ("tps", "folder-share")
+        }
+        replayed = rtauto("replay", summary["job"], "--home", home)
+        assert replayed.returncode == 0, replayed.stderr
+        assert tps.received == [] and list(share.iterdir()) == []
+
+        # destinations are checked as in a real run: a folder where a DICOM node is needed
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(
+            workflow.read_text().replace(
+                f"{{ae_title: TPS, host: 127.0.0.1, port: {tps.port}}}",
+                f"{{type: folder, path: {share}}}",
+            )
+        )
+        args = ["run", str(bad), str(tmp_path / "ct"), "--out", str(tmp_path / "b"), "--json"]
+        refused = json.loads(rtauto(*args, "--dry-run").stdout)
+        assert refused["status"] == "fail"
+        assert "this step needs a 'dicom' destination" in refused["steps"][0]["error"]
+        assert list(share.iterdir()) == []
+
+        # the same workflow without --dry-run delivers to both
+        real = rtauto("run", str(workflow), str(tmp_path / "ct"), "--out", str(tmp_path / "real"))
+        assert real.returncode == 0, real.stderr
+        assert sorted(tps.received) == sorted(series.sop_instance_uids)
+        assert len(list(share.iterdir())) == 3
 
 
 def test_serve_refuses_an_invalid_configuration_with_its_line(tmp_path):

@@ -45,8 +45,12 @@ class Engine:
         *,
         pool: WorkerPool | None = None,
         warm: list[str] | None = None,
+        dry_run: Path | None = None,
     ):
         self.settings = settings
+        # a dry run: every step gets this folder as ``StepContext.dry_run`` (routing steps
+        # copy what they would deliver into it and reach no destination)
+        self.dry_run = dry_run
         self.store = store
         self.host = host
         self.pool = pool or WorkerPool(
@@ -240,6 +244,7 @@ class Engine:
             "rtauto_version": __version__,
             "workflow_name": job.workflow_name,
             "workflow_hash": job.workflow_hash,
+            "dry_run": str(self.dry_run) if self.dry_run is not None else None,
         }
 
     def _study_json(self, job: Job) -> dict[str, Any]:

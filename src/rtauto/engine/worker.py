@@ -131,6 +131,7 @@ def run_task(host: Any, task: Mapping[str, Any]) -> dict[str, Any]:
             store_url=task.get("store_url"),
             max_attempts=task.get("max_attempts", 1),
             destination_types=host.destination_types,
+            dry_run=Path(task["dry_run"]) if task.get("dry_run") else None,
         )
         try:
             returned = step_type.run(ctx, params)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +30,7 @@ from rtauto.route.deliveries import (
 )
 from rtauto.route.dicom import DICOM_DESTINATION
 from rtauto.route.dicomweb import DICOMWEB_DESTINATION
-from rtauto.route.folder import FOLDER_DESTINATION
+from rtauto.route.folder import FOLDER_DESTINATION, FolderDestinationConfig
 from rtauto.steps import StepContext, StepResult
 
 __all__ = [
@@ -210,6 +211,10 @@ def _run(
             outputs={"delivered": 0, "destination": chain[0].name, "already_delivered": 0},
             summary="nothing to deliver",
         )
+    real = chain[0]
+    if ctx.dry_run is not None:
+        # every destination was resolved and checked above; the items go to a folder instead
+        chain = [_dry_run_folder(ctx.dry_run, real.name)]
     store = None
     if ctx.store_url:
         from rtauto.store import Store
@@ -226,10 +231,33 @@ def _run(
     finally:
         if store is not None:
             store.close()
+    if ctx.dry_run is not None:
+        outputs["destination"] = real.name
+        return StepResult(
+            outputs=outputs,
+            summary=f"dry run: {outputs['delivered']} item(s) for {real.name} "
+            f"({real.type.name}) copied to {chain[0].name.removeprefix(FOLDER_NAME_PREFIX)}"
+            " instead",
+        )
     summary = f"delivered {outputs['delivered']} item(s) to {outputs['destination']}"
     if outputs["already_delivered"]:
         summary += f", {outputs['already_delivered']} already delivered before"
     return StepResult(outputs=outputs, summary=summary)
+
+
+def _dry_run_folder(root: Path, name: str) -> ResolvedDestination:
+    """The folder under ``root`` that stands in for destination ``name`` in a dry run.
+
+    Recorded as a folder given by path, so a replay of the dry run's deliveries goes to the
+    same folder and never to the real destination.
+    """
+    if name.startswith(FOLDER_NAME_PREFIX):
+        name = "folder-" + Path(name.removeprefix(FOLDER_NAME_PREFIX)).name
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "destination"
+    folder = (root / safe).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    config = FolderDestinationConfig(path=folder, layout="by-series")
+    return ResolvedDestination(FOLDER_NAME_PREFIX + str(folder), FOLDER_DESTINATION, config)
 
 
 def route_dicom(ctx: StepContext, params: RouteDicomParams) -> StepResult:
