@@ -298,7 +298,11 @@ def _load_workflow(
 
     try:
         return load_workflow_with_overrides(
-            workflow, overrides or [], host.steps, destinations=set(settings.destinations)
+            workflow,
+            overrides or [],
+            host.steps,
+            destinations=set(settings.destinations),
+            destination_types=host.destination_types,
         )
     except WorkflowError as exc:
         _die("\n".join(exc.problems))
@@ -405,15 +409,22 @@ def validate(
 ) -> None:
     """Check workflow files: prints file:line:column: message for each problem."""
     from rtauto.workflow import validate_paths
+    from rtauto.workflow.loader import workflow_files
 
     settings = _settings(config, home)
     host = _host(settings)
-    problems = validate_paths(files, host.steps, known_destinations=set(settings.destinations))
+    problems = validate_paths(
+        files,
+        host.steps,
+        known_destinations=set(settings.destinations),
+        destination_types=host.destination_types,
+    )
     for line in problems:
         typer.echo(line)
     if problems:
         raise typer.Exit(1)
-    typer.echo(f"{len(files)} path(s) valid")
+    count = sum(len(workflow_files(f)) if f.is_dir() else 1 for f in files)
+    typer.echo(f"{count} workflow file(s) valid")
 
 
 @app.command()

@@ -69,6 +69,7 @@ class Daemon:
             settings.workflows_dir,
             steps_provider=lambda: self.host.steps,
             known_destinations=lambda: set(settings.destinations),
+            destination_types=lambda: self.host.destination_types,
         )
         for message in self.library.refresh():
             log.info("%s", message)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import yaml
 from rtauto_autocontour.threshold import body_mask
 
 from rtauto.dicom.geometry import load_series
@@ -46,14 +47,21 @@ def batch(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_overrides_change_step_params_only() -> None:
-    text = apply_overrides(
-        WORKFLOW, ["body.output=seg", "body.opts.level=-300", "body.structures=[BODY, LUNGS]"]
+    root = yaml.compose(WORKFLOW)
+    apply_overrides(
+        root, ["body.output=seg", "body.opts.level=-300", "body.structures=[BODY, LUNGS]"]
     )
-    assert "output: seg" in text and "level: -300" in text and "- LUNGS" in text
+    data = yaml.safe_load(yaml.serialize(root))
+    assert data["steps"][0]["with"]["output"] == "seg"
+    assert data["steps"][0]["with"]["opts"] == {"level": -300}
+    assert data["steps"][0]["with"]["structures"] == ["BODY", "LUNGS"]
+    assert {k: v for k, v in data.items() if k != "steps"} == {
+        k: v for k, v in yaml.safe_load(WORKFLOW).items() if k != "steps"
+    }
     with pytest.raises(ValueError, match="no step 'segment'"):
-        apply_overrides(WORKFLOW, ["segment.model=x@1"])
+        apply_overrides(yaml.compose(WORKFLOW), ["segment.model=x@1"])
     with pytest.raises(ValueError, match="STEP.PARAM=VALUE"):
-        apply_overrides(WORKFLOW, ["body"])
+        apply_overrides(yaml.compose(WORKFLOW), ["body"])
 
 
 @pytest.fixture

@@ -121,7 +121,9 @@ def test_run_set_changes_a_step_param_and_the_recorded_version(tmp_path):
     assert refused.returncode == 2 and "no step 'nope'" in refused.stderr
     invalid = rtauto(*args, "--set", "copy.send=everything")
     assert invalid.returncode == 2
-    assert "(with --set)" in invalid.stderr and "copy.send=everything" in invalid.stderr
+    # the problem names the file's own line (the value replaced), then the overrides
+    assert invalid.stderr.startswith(f"{workflow}:6:")
+    assert "(with --set copy.send=everything)" in invalid.stderr
 
 
 ROUTED = """\

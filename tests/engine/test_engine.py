@@ -253,6 +253,10 @@ def test_needs_and_conditions(env):
             uses: t.emit
             needs: [broken]
             if: "failure()"
+          - id: on_broken_status
+            uses: t.emit
+            needs: [broken]
+            if: "steps.broken.status == 'fail'"
         """
     )
     env.engine().run_until_done([job.id])
@@ -264,9 +268,15 @@ def test_needs_and_conditions(env):
         "on_warn": "ok",
         "after_broken": "skipped",
         "notify": "ok",
+        "on_broken_status": "skipped",
     }
     assert "condition is false" in steps["on_pass"].summary
-    assert "did not succeed: broken" in steps["after_broken"].summary
+    assert "did not succeed: broken (fail)" in steps["after_broken"].summary
+    # its condition is true, but a step runs after a failed need only with failure()/always()
+    assert steps["on_broken_status"].summary == (
+        "skipped: needed step(s) did not succeed: broken (fail) "
+        "(a condition runs after a failure only with failure() or always())"
+    )
     assert env.store.get_job(job.id).status == "fail"
 
 

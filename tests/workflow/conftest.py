@@ -57,7 +57,14 @@ def _send(ctx, params):
 @hookimpl
 def rtauto_register_steps(register):
     register(StepType(name="test.segment", run=_segment, params=SegmentParams))
-    register(StepType(name="test.check", run=_check, params=CheckParams))
+    register(
+        StepType(
+            name="test.check",
+            run=_check,
+            params=CheckParams,
+            outputs={"outcome": "pass, warn or fail", "findings": "list of findings"},
+        )
+    )
     register(StepType(name="test.send", run=_send, params=SendParams))
 
 

@@ -171,8 +171,16 @@ class Engine:
         loaded: LoadedWorkflow, step_id: str, needs: list[str], steps: dict[str, StepRun]
     ) -> str:
         not_ok = [n for n in needs if steps[n].status != "ok"]
-        if not_ok and loaded.conditions.get(step_id) is None:
-            return "skipped: needed step(s) did not succeed: " + ", ".join(not_ok)
+        condition = loaded.conditions.get(step_id)
+        if not_ok and (condition is None or not condition.overrides_success):
+            # decide_step: a step whose needed steps did not all succeed runs only when its
+            # condition calls failure() or always()
+            reason = "skipped: needed step(s) did not succeed: " + ", ".join(
+                f"{n} ({steps[n].status})" for n in not_ok
+            )
+            if condition is not None:
+                reason += " (a condition runs after a failure only with failure() or always())"
+            return reason
         return f"skipped: condition is false: {_spec(loaded, step_id).if_}"
 
     def _start_step(self, job: Job, loaded: LoadedWorkflow, row: StepRun) -> None:

@@ -46,7 +46,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Condition", "ConditionError", "decide_step", "parse_condition"]
+__all__ = ["Condition", "ConditionError", "Reference", "decide_step", "parse_condition"]
 
 _FINISHED = frozenset({"ok", "fail", "skipped"})
 
@@ -75,11 +75,20 @@ class ConditionError(ValueError):
 
 
 @dataclass(frozen=True)
-class _Ref:
-    """A parsed ``steps.<id>.<field>...`` reference."""
+class Reference:
+    """A ``steps.<id>.<field>...`` reference in a condition; ``column`` is 1-based."""
 
     step_id: str
     path: tuple[str | int, ...]  # first item is "status" or "outputs"
+    column: int = 1
+
+    @property
+    def output(self) -> str | int | None:
+        """The output key read (``steps.a.outputs.KEY...``), None for a status."""
+        return self.path[1] if self.path[0] == "outputs" and len(self.path) > 1 else None
+
+
+_Ref = Reference
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,6 +99,7 @@ class Condition:
     _tree: ast.expr
     step_ids: frozenset[str]
     overrides_success: bool
+    references: tuple[Reference, ...] = ()
 
     def evaluate(
         self,
@@ -125,7 +135,10 @@ def parse_condition(text: str) -> Condition:
             raise ConditionError(
                 "the expression ends too early", len(expression) + 1 + offset
             ) from None
-        raise ConditionError(f"invalid syntax: {exc.msg}", exc.offset + offset) from None
+        message = exc.msg if exc.msg != "invalid syntax" else "not a valid expression"
+        if "=" in expression and "==" not in expression and "!=" not in expression:
+            message += " (compare with ==, not =)"
+        raise ConditionError(message, exc.offset + offset) from None
     checker = _Checker(offset)
     checker.check(tree.body)
     return Condition(
@@ -133,6 +146,7 @@ def parse_condition(text: str) -> Condition:
         _tree=tree.body,
         step_ids=frozenset(checker.step_ids),
         overrides_success=bool(checker.calls & {"always", "failure"}),
+        references=tuple(checker.references),
     )
 
 
@@ -167,6 +181,7 @@ class _Checker:
         self.offset = offset
         self.step_ids: set[str] = set()
         self.calls: set[str] = set()
+        self.references: list[_Ref] = []
 
     def fail(self, node: ast.AST, message: str) -> ConditionError:
         return ConditionError(message, getattr(node, "col_offset", 0) + 1 + self.offset)
@@ -176,16 +191,22 @@ class _Checker:
             for value in node.values:
                 self.check(value)
         elif isinstance(node, ast.UnaryOp):
+            if isinstance(node.op, (ast.USub, ast.UAdd)):
+                if not _is_number(node.operand):
+                    raise self.fail(node, "a sign (- or +) may only stand before a number")
+                return
             if not isinstance(node.op, ast.Not):
-                raise self.fail(node, "only 'not' is allowed as a unary operator")
+                raise self.fail(node, "only 'not', and a sign before a number, are allowed")
             self.check(node.operand)
         elif isinstance(node, ast.Compare):
             for op in node.ops:
                 if not isinstance(op, _COMPARE_OPS):
-                    raise self.fail(node, f"comparison {type(op).__name__} is not allowed")
+                    shown = _OPERATOR_TEXT.get(type(op), type(op).__name__)
+                    raise self.fail(node, f"{shown} is not allowed; compare with == or !=")
             self.check(node.left)
             for comparator in node.comparators:
                 self.check(comparator)
+            self.check_status_values([node.left, *node.comparators])
         elif isinstance(node, ast.Constant):
             if not isinstance(node.value, (str, int, float, bool, type(None))):
                 raise self.fail(node, f"constant {node.value!r} is not allowed")
@@ -203,6 +224,7 @@ class _Checker:
         elif isinstance(node, (ast.Attribute, ast.Subscript)):
             ref = self.reference(node)
             self.step_ids.add(ref.step_id)
+            self.references.append(ref)
         elif isinstance(node, ast.Call):
             if not isinstance(node.func, ast.Name) or node.func.id not in _FUNCTIONS:
                 raise self.fail(node, "only always(), success() and failure() may be called")
@@ -214,7 +236,38 @@ class _Checker:
                 node, "arithmetic is not allowed (for an id with '-' write steps['my-step'])"
             )
         else:
-            raise self.fail(node, f"{type(node).__name__} is not allowed in a condition")
+            shown = _NODE_TEXT.get(type(node), "this kind of expression")
+            raise self.fail(node, f"{shown} is not allowed in a condition")
+
+    def check_status_values(self, operands: Sequence[ast.expr]) -> None:
+        """A ``steps.<id>.status`` compared with a string that no status ever is (``'okay'``,
+        ``'FAIL'``) would make the comparison constant: refused."""
+        if not any(self.is_status(o) for o in operands):
+            return
+        for operand in operands:
+            literals: list[ast.expr] = (
+                list(operand.elts) if isinstance(operand, (ast.List, ast.Tuple)) else [operand]
+            )
+            for literal in literals:
+                if (
+                    isinstance(literal, ast.Constant)
+                    and isinstance(literal.value, str)
+                    and literal.value not in _FINISHED
+                ):
+                    raise self.fail(
+                        literal,
+                        f"a step's status is 'ok', 'fail' or 'skipped', never {literal.value!r}",
+                    )
+
+    def is_status(self, node: ast.expr) -> bool:
+        if not isinstance(node, ast.Attribute) or node.attr != "status":
+            return False
+        owner = node.value
+        return (
+            isinstance(owner, (ast.Attribute, ast.Subscript))
+            and isinstance(owner.value, ast.Name)
+            and owner.value.id == "steps"
+        )
 
     def reference(self, node: ast.expr) -> _Ref:
         """Unwind an attribute/subscript chain; it must start at ``steps.<id>.<field>``."""
@@ -246,7 +299,7 @@ class _Checker:
             raise self.fail(node, f"steps.{step_id}.{field}: a step has only status and outputs")
         if field == "status" and len(chain) > 2:
             raise self.fail(node, f"steps.{step_id}.status is a string, it has no fields")
-        return _Ref(step_id, tuple(chain[1:]))
+        return _Ref(step_id, tuple(chain[1:]), node.col_offset + 1 + self.offset)
 
 
 class _Evaluator:
@@ -263,6 +316,10 @@ class _Evaluator:
             results = (bool(self.value(v)) for v in node.values)
             return all(results) if isinstance(node.op, ast.And) else any(results)
         if isinstance(node, ast.UnaryOp):
+            if isinstance(node.op, ast.USub):
+                return -self.value(node.operand)
+            if isinstance(node.op, ast.UAdd):
+                return self.value(node.operand)
             return not self.value(node.operand)
         if isinstance(node, ast.Compare):
             left = self.value(node.left)
@@ -308,6 +365,34 @@ class _Evaluator:
             if value is None:
                 return None
         return value
+
+
+def _is_number(node: ast.expr) -> bool:
+    return (
+        isinstance(node, ast.Constant)
+        and isinstance(node.value, (int, float))
+        and not isinstance(node.value, bool)
+    )
+
+
+# how refused syntax is named in messages (for physicists, not Python programmers)
+_OPERATOR_TEXT: dict[type, str] = {ast.Is: "'is'", ast.IsNot: "'is not'"}
+_NODE_TEXT: dict[type, str] = {
+    ast.BinOp: "arithmetic",
+    ast.IfExp: "'x if condition else y'",
+    ast.JoinedStr: "an f-string",
+    ast.Dict: "a mapping {...}",
+    ast.Set: "a set {...}",
+    ast.Lambda: "lambda",
+    ast.ListComp: "a comprehension",
+    ast.SetComp: "a comprehension",
+    ast.DictComp: "a comprehension",
+    ast.GeneratorExp: "a comprehension",
+    ast.NamedExpr: "':='",
+    ast.Await: "await",
+    ast.Starred: "'*'",
+    ast.Slice: "a slice",
+}
 
 
 def _compare(op: ast.cmpop, left: Any, right: Any) -> bool:

@@ -26,6 +26,7 @@ from rtauto.errors import WorkflowError
 from rtauto.workflow.loader import LoadedWorkflow, load_workflow_text, workflow_files
 
 if TYPE_CHECKING:
+    from rtauto.destinations import DestinationType
     from rtauto.hooks.manager import RegisteredStep
 
 __all__ = ["WorkflowLibrary"]
@@ -58,10 +59,13 @@ class WorkflowLibrary:
         folder: Path,
         steps_provider: Callable[[], Mapping[str, RegisteredStep]],
         known_destinations: Callable[[], set[str]] | None = None,
+        destination_types: Callable[[], Mapping[str, DestinationType]] | None = None,
     ):
         self.folder = Path(folder)
         self._steps_provider = steps_provider
         self._known_destinations = known_destinations
+        self._destination_types = destination_types
+        self._types: Mapping[str, DestinationType] | None = None
         self._entries: dict[Path, _Entry] = {}
         self._active: dict[str, LoadedWorkflow] = {}
         self._context: tuple[object, ...] | None = None
@@ -106,9 +110,11 @@ class WorkflowLibrary:
             self._refreshes += 1
             steps = self._steps_provider()
             known = self._known_destinations() if self._known_destinations else None
+            self._types = self._destination_types() if self._destination_types else None
             context = (
                 tuple(sorted((name, reg.plugin_version) for name, reg in steps.items())),
                 None if known is None else tuple(sorted(known)),
+                None if self._types is None else tuple(sorted(self._types)),
             )
             recheck = self._context is not None and context != self._context
             self._context = context
@@ -167,7 +173,7 @@ class WorkflowLibrary:
         entry.digest = digest
         try:
             text = data.decode("utf-8")
-            loaded = load_workflow_text(text, str(path), steps, known)
+            loaded = load_workflow_text(text, str(path), steps, known, self._types)
         except UnicodeDecodeError:
             problems = [f"{path}:1:1: the file is not UTF-8 text"]
         except WorkflowError as exc:

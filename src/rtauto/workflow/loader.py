@@ -11,12 +11,13 @@ and unknown destinations. Lines and columns are 1-based and point at the offendi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import hashlib
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ from rtauto.workflow.schema import (
 )
 
 if TYPE_CHECKING:
+    from rtauto.destinations import DestinationType
     from rtauto.hooks.manager import RegisteredStep
 
 __all__ = ["LoadedWorkflow", "load_workflow", "load_workflow_text", "validate_paths"]
@@ -44,6 +46,7 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 # libyaml parses about ten times faster than pure Python, with the same marks
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 _CUSTOM_ERRORS = frozenset({"value_error", "bad_condition", "duration"})
 
 
@@ -84,12 +87,15 @@ def load_workflow(
     path: Path | str,
     steps: Mapping[str, RegisteredStep] | None = None,
     known_destinations: Iterable[str] | None = None,
+    destination_types: Mapping[str, DestinationType] | None = None,
 ) -> LoadedWorkflow:
     """Load and check one workflow file; raises :class:`WorkflowError`.
 
     ``steps`` are the registered step types (``PluginHost.steps``); when None, step types and
     params are not checked. ``known_destinations`` are the destination names the daemon
     configuration defines; when None, destination names are not checked.
+    ``destination_types`` (``PluginHost.destination_types``): the workflow's own
+    ``destinations:`` blocks are checked against their type's configuration.
     """
     path = Path(path)
     try:
@@ -101,7 +107,8 @@ def load_workflow(
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise WorkflowError([f"{path}:{line}:1: the file is not UTF-8 text"]) from exc
-    return _load(text, str(path), steps, known_destinations, path, hashlib.sha256(data).hexdigest())
+    digest = hashlib.sha256(data).hexdigest()
+    return _load(text, str(path), steps, known_destinations, path, digest, destination_types)
 
 
 def load_workflow_text(
@@ -109,20 +116,53 @@ def load_workflow_text(
     source: str = "<workflow>",
     steps: Mapping[str, RegisteredStep] | None = None,
     known_destinations: Iterable[str] | None = None,
+    destination_types: Mapping[str, DestinationType] | None = None,
 ) -> LoadedWorkflow:
     """Load and check a workflow from text; ``source`` names it in the problem messages."""
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return _load(text, source, steps, known_destinations, None, digest)
+    return _load(text, source, steps, known_destinations, None, digest, destination_types)
+
+
+def load_workflow_edited(
+    path: Path,
+    edit: Callable[[yaml.Node], None],
+    steps: Mapping[str, RegisteredStep] | None = None,
+    known_destinations: Iterable[str] | None = None,
+    destination_types: Mapping[str, DestinationType] | None = None,
+) -> LoadedWorkflow:
+    """A workflow file changed by ``edit`` (which changes its YAML node tree, see
+    :mod:`rtauto.workflow.overrides`), checked like a file: problems name the file's own lines.
+    Its text and hash are those of the changed document."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        load_workflow(path)  # raises the same WorkflowError as for the file alone
+        raise
+    changed = ""
+
+    def edit_and_keep(root: yaml.Node) -> None:
+        nonlocal changed
+        edit(root)
+        changed = yaml.serialize(root, Dumper=_YAML_DUMPER, allow_unicode=True)
+
+    loaded = _load(
+        text, str(path), steps, known_destinations, path, "", destination_types, edit_and_keep
+    )
+    digest = hashlib.sha256(changed.encode("utf-8")).hexdigest()
+    return dataclasses.replace(loaded, text=changed, hash=digest)
 
 
 def validate_paths(
     paths: Iterable[Path | str],
     steps: Mapping[str, RegisteredStep] | None,
     known_destinations: Iterable[str] | None = None,
+    destination_types: Mapping[str, DestinationType] | None = None,
 ) -> list[str]:
     """Every problem of every workflow file (a folder stands for its ``*.yaml``/``*.yml``).
 
-    Also reports two files that declare the same workflow name. An empty list means all valid.
+    Also reports two files that declare the same workflow name, and a folder without any
+    workflow file. An empty list means all valid.
     """
     problems: list[str] = []
     names: dict[str, Path] = {}
@@ -130,6 +170,8 @@ def validate_paths(
         given = Path(given)
         if given.is_dir():
             files = workflow_files(given)
+            if not files:
+                problems.append(f"{given}: no workflow files (*.yaml, *.yml) in this folder")
         elif given.exists():
             files = [given]
         else:
@@ -137,7 +179,7 @@ def validate_paths(
             continue
         for file in files:
             try:
-                loaded = load_workflow(file, steps, known_destinations)
+                loaded = load_workflow(file, steps, known_destinations, destination_types)
             except WorkflowError as exc:
                 problems.extend(exc.problems)
                 continue
@@ -172,19 +214,22 @@ def _load(
     known_destinations: Iterable[str] | None,
     path: Path | None,
     digest: str,
+    destination_types: Mapping[str, DestinationType] | None = None,
+    edit: Callable[[yaml.Node], None] | None = None,
 ) -> LoadedWorkflow:
     problems: list[_Problem] = []
-    root, data, syntax = _compose(text)
+    root, data, syntax, duplicates = _compose(text, edit)
     if syntax is not None:
         raise WorkflowError([syntax.format(source)])
-    if root is None:
+    if root is None or data is None:
         raise WorkflowError([f"{source}:1:1: the workflow file is empty"])
-    problems.extend(_duplicate_keys(root))
+    problems.extend(duplicates)
     if not isinstance(data, dict):
         mark = root.start_mark
         raise WorkflowError(
             [f"{source}:{mark.line + 1}:{mark.column + 1}: a workflow is a mapping (name:, ...)"]
         )
+    problems.extend(_numbers_read_as_text(root))
 
     workflow: Workflow | None = None
     try:
@@ -217,6 +262,11 @@ def _load(
             model = _check_step_type(root, index, spec, steps, problems)
             if model is not None:
                 params[spec.id] = model
+        problems.extend(_check_outputs_read(root, specs, steps))
+
+    if destination_types is not None and workflow is not None:
+        for name, block in workflow.destinations.items():
+            problems.extend(_check_destination_block(root, name, block, destination_types))
 
     if known_destinations is not None:
         raw_destinations = data.get("destinations")
@@ -265,11 +315,20 @@ def _lenient_graph(raw_steps: list[Any]) -> list[_RawStep]:
     return nodes
 
 
-def _compose(text: str) -> tuple[yaml.Node | None, Any, _Problem | None]:
-    """The node tree and the data of a one-document YAML text, or the syntax problem."""
+def _compose(
+    text: str, edit: Callable[[yaml.Node], None] | None = None
+) -> tuple[yaml.Node | None, Any, _Problem | None, list[_Problem]]:
+    """The node tree and the data of a one-document YAML text, or the syntax problem; and the
+    duplicate keys, found before the data are built (building merges ``<<:`` keys into the
+    tree, which would read as duplicates). ``edit`` may change the tree before that."""
     loader = _YAML_LOADER(text)
+    duplicates: list[_Problem] = []
     try:
         root = loader.get_single_node()
+        if root is not None:
+            duplicates = _duplicate_keys(root)
+            if edit is not None:
+                edit(root)
         data = loader.construct_document(root) if root is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -277,12 +336,15 @@ def _compose(text: str) -> tuple[yaml.Node | None, Any, _Problem | None]:
         what = exc.problem or exc.context or "invalid YAML"
         if exc.context and exc.problem:
             what = f"{exc.problem} ({exc.context})"
-        return None, None, _Problem(line, column, f"YAML syntax error: {what}")
+        lines = text.splitlines()
+        if mark and mark.line < len(lines) and "\t" in lines[mark.line][: mark.column + 1]:
+            what += " (a tab: indent with spaces, YAML does not allow tabs there)"
+        return None, None, _Problem(line, column, f"YAML syntax error: {what}"), []
     except yaml.YAMLError as exc:
-        return None, None, _Problem(1, 1, f"YAML error: {exc}")
+        return None, None, _Problem(1, 1, f"YAML error: {exc}"), []
     finally:
         loader.dispose()
-    return root, data, None
+    return root, data, None, duplicates
 
 
 def _duplicate_keys(node: yaml.Node) -> list[_Problem]:
@@ -513,6 +575,93 @@ def _check_step_type(
         loc = ("steps", index, "with")
         problems.extend(_pydantic_problems(exc, root, params_model, loc, label, hide=2))
         return None
+
+
+def _check_outputs_read(
+    root: yaml.Node, specs: Sequence[tuple[int, StepSpec]], steps: Mapping[str, RegisteredStep]
+) -> list[_Problem]:
+    """``if:`` reading an output that the step's type does not declare (a typo reads as None,
+    which would make ``!=`` always true). Step types that declare no outputs are not checked."""
+    types_of = {spec.id: spec.uses for _, spec in specs}
+    problems = []
+    for index, spec in specs:
+        if spec.condition is None:
+            continue
+        for ref in spec.condition.references:
+            registered = steps.get(types_of.get(ref.step_id, ""))
+            declared = registered.step_type.outputs if registered is not None else None
+            if not declared or ref.output is None or ref.output in declared:
+                continue
+            message = (
+                f"step {spec.id!r}: if: steps.{ref.step_id}.outputs.{ref.output}: step "
+                f"{ref.step_id!r} ({registered.step_type.name}) has no output {ref.output!r}"
+            )
+            close = _suggest(str(ref.output), [str(k) for k in declared])
+            message += close or f" (its outputs: {', '.join(sorted(declared))})"
+            problems.append(_at(root, ("steps", index, "if"), message))
+    return problems
+
+
+def _check_destination_block(
+    root: yaml.Node, name: str, block: Any, types: Mapping[str, DestinationType]
+) -> list[_Problem]:
+    """A workflow's ``destinations:`` block checked against its type's configuration."""
+    loc: Loc = ("destinations", name)
+    type_name = block.resolved_type()
+    destination_type = types.get(type_name)
+    if destination_type is None:
+        known = ", ".join(sorted(types)) or "none"
+        where = ("type",) if block.type else ()
+        return [
+            _at(
+                root,
+                loc + where,
+                f"destination {name!r}: unknown type {type_name!r} (installed types: {known})",
+            )
+        ]
+    try:
+        destination_type.config.model_validate(block.options())
+    except ValidationError as exc:
+        label = f"destination {name!r} ({type_name}): "
+        return _pydantic_problems(exc, root, destination_type.config, loc, label, hide=2)
+    return []
+
+
+_PLAIN_NUMBER_TAGS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
+
+
+def _numbers_read_as_text(root: yaml.Node) -> list[_Problem]:
+    """Unquoted values under ``where:`` that YAML turns into a different number than written
+    (``012345`` is octal 5349, ``0x1A`` is 26, ``1_000`` is 1000, ``1:30`` is 90): a DICOM
+    value is text, so these must be quoted."""
+    problems = []
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, inside = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                below = inside or (isinstance(key, yaml.ScalarNode) and key.value == "where")
+                stack.append((value, below))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, inside) for item in node.value)
+        elif (
+            inside
+            and isinstance(node, yaml.ScalarNode)
+            and not node.style  # plain (libyaml says '', PyYAML None), not quoted
+            and node.tag in _PLAIN_NUMBER_TAGS
+        ):
+            number = yaml.safe_load(node.value)
+            if str(number) != node.value:
+                line, column = _mark(node)
+                problems.append(
+                    _Problem(
+                        line,
+                        column,
+                        f"{node.value} is read by YAML as the number {number}; "
+                        f"write '{node.value}' in quotes to match the text",
+                    )
+                )
+    return problems
 
 
 def _check_destinations(

@@ -70,7 +70,7 @@ SKIP_GRAPH_CHECKS = "rtauto_skip_graph_checks"  # validation context key the loa
 
 _REGEX_METACHARACTERS = frozenset(".^$*+?{}[]\\|()")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*$|^\s*(\d+(\.\d+)?\s*(ms|h|m|s)\s*)+$"
+_DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*$|^\s*(\d+(\.\d+)?\s*([mM][sS]|[hH]|[mM]|[sS])\s*)+$"
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -90,7 +90,10 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
-        text = value.replace(" ", "").lower()
+        # spaces may separate a number from its unit ("5 m") or the parts ("1h 30m"), never
+        # the digits of a number ("3 0")
+        text = re.sub(r"(?<=[\d.])\s+(?=[a-zA-Z])|(?<=[a-zA-Z])\s+(?=\d)", "", value.strip())
+        text = text.lower()
         if re.fullmatch(r"\d+(\.\d+)?", text):
             seconds = float(text)
         else:
