@@ -4,6 +4,7 @@ tree. ``rtauto serve`` runs it until SIGTERM or SIGINT.
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import logging
@@ -17,6 +18,7 @@ from typing import Any
 from rtauto import __version__
 from rtauto.config import Settings
 from rtauto.engine.engine import Engine
+from rtauto.errors import RtautoError
 from rtauto.hooks import PluginHost, build_plugin_manager
 from rtauto.hooks.manager import plugin_fingerprint
 from rtauto.ingest.assembler import Assembler
@@ -27,6 +29,7 @@ from rtauto.workflow.library import WorkflowLibrary
 log = logging.getLogger("rtauto.daemon")
 
 STATE_FILE = "daemon.json"
+LOCK_FILE = "daemon.lock"
 
 
 class Daemon:
@@ -46,18 +49,48 @@ class Daemon:
         self.web_port: int | None = None
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
+        self._home_lock: int | None = None
         self._last_reload = 0.0
         self.last_tick = 0.0
         self._plugin_fingerprint = plugin_fingerprint(self.settings.plugin_modules.values())
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        """Start everything; raises :class:`RtautoError` (after stopping what had started)
+        when the home is another daemon's or a port cannot be had."""
+        self.settings.ensure_dirs()
+        self._lock_home()
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _lock_home(self) -> None:
+        """Hold ``HOME/daemon.lock`` for the daemon's life: two daemons on one home would run
+        the same jobs twice (each takes the other's running steps for interrupted ones)."""
+        home = Path(self.settings.home)
+        fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            try:
+                pid = json.loads((home / STATE_FILE).read_text()).get("pid", "?")
+            except (OSError, ValueError):
+                pid = "?"
+            raise RtautoError(
+                f"another rtauto daemon (pid {pid}) is running with home {home}; stop it, "
+                "or give this one its own --home"
+            ) from None
+        self._home_lock = fd
+
+    def _start(self) -> None:
         from rtauto.ingest.scp import StorageSCP
         from rtauto.ingest.spool import Spool
         from rtauto.ingest.watcher import FolderWatcher
 
         settings = self.settings
-        settings.ensure_dirs()
         set_uid_root(settings.uid_root)
         for name, reason in self.host.failures.items():
             log.error("plugin %s is disabled: %s", name, reason.strip().splitlines()[-1])
@@ -126,8 +159,10 @@ class Daemon:
             self.engine.close(wait=False)
         if self.store is not None:
             self.store.close()
-        state = self.settings.home / STATE_FILE
-        state.unlink(missing_ok=True)
+        if self._home_lock is not None:  # only the daemon holding the home owns its state
+            (self.settings.home / STATE_FILE).unlink(missing_ok=True)
+            os.close(self._home_lock)
+            self._home_lock = None
 
     def serve_forever(self) -> None:
         """Start, then run until SIGTERM/SIGINT."""

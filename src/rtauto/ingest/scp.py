@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import json
 import logging
@@ -52,7 +53,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from rtauto.config import ScpTls, Settings
-from rtauto.errors import ConfigError
+from rtauto.errors import ConfigError, RtautoError
 from rtauto.ingest.native import DatasetSink, StoreRequest
 from rtauto.ingest.spool import RefusedInstance, Spool, StreamedFile
 from rtauto.store import InstanceRecord, Store
@@ -479,7 +480,24 @@ class StorageSCP:
         self._lock = threading.Lock()
 
     def start(self) -> int:
-        """Start listening (``settings.scp.port``; 0 lets the OS choose) and return the port."""
+        """Start listening (``settings.scp.port``; 0 lets the OS choose) and return the port.
+
+        Raises :class:`RtautoError` when the port is taken (by another program, or by another
+        rtauto daemon, whose receiving processes would otherwise share it).
+        """
+        scp = self.settings.scp
+        try:
+            return self._start()
+        except OSError as exc:
+            self.stop()
+            why = exc.strerror or str(exc)
+            if exc.errno == errno.EADDRINUSE:
+                why += " (another program, or another rtauto daemon, listens there)"
+            raise RtautoError(
+                f"the storage SCP cannot listen on {scp.host}:{scp.port}: {why}"
+            ) from exc
+
+    def _start(self) -> int:
         scp = self.settings.scp
         self.settings.ensure_dirs()
         if scp.processes == 1:
@@ -488,6 +506,12 @@ class StorageSCP:
             return self.port
         if scp.tls is not None:
             server_tls_context(scp.tls)  # a bad certificate fails here, before any child starts
+        if scp.port:
+            # SO_REUSEPORT would let this daemon's receivers join another daemon's on the same
+            # port (and split its series): the port must be free for a plain bind first
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+                probe.bind((scp.host, scp.port))
         # hold the port (bound, never listening) so every child binds the same one
         self._reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

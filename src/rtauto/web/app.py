@@ -261,15 +261,34 @@ class WebServer:
         self.thread: Any = None
 
     def start(self) -> int:
+        """Listen (the socket is bound here, so a taken port is a clear error) and serve in a
+        thread; returns the port. Raises :class:`RtautoError` when the port cannot be had."""
+        import socket
         import threading
 
-        self.thread = threading.Thread(target=self.server.run, name="rtauto-web", daemon=True)
+        from rtauto.errors import RtautoError
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.config.host, self.config.port))
+        except OSError as exc:
+            sock.close()
+            raise RtautoError(
+                f"the dashboard cannot listen on {self.config.host}:{self.config.port}: "
+                f"{exc.strerror or exc} (set web.port to a free port, or web.enabled: false)"
+            ) from exc
+        port = int(sock.getsockname()[1])
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, name="rtauto-web", daemon=True
+        )
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started and time.monotonic() < deadline:
+            if not self.thread.is_alive():
+                raise RtautoError(f"the dashboard on port {port} stopped while starting")
             time.sleep(0.05)
-        sockets = [s for server in self.server.servers for s in server.sockets]
-        return sockets[0].getsockname()[1] if sockets else self.config.port
+        return port
 
     def stop(self) -> None:
         self.server.should_exit = True
