@@ -427,3 +427,19 @@ def test_a_series_folder_removed_behind_the_spool_is_made_again(
     spool._tmpfile_supported = False  # the named temporary file path
     fourth = spool.ingest_file(ct_series.files[3])
     assert (settings.spool_dir / fourth.path).read_bytes() == ct_series.files[3].read_bytes()
+
+
+def test_an_image_cut_short_before_its_pixel_data_is_refused(
+    settings: Settings, ct_series: SyntheticSeries, tmp_path: Path
+):
+    """Cut at an element boundary the file parses as a whole data set; a CT image without
+    Pixel Data was cut short, and accepting it would make the complete copy a conflict."""
+    whole = ct_series.files[0].read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(whole[: whole.rindex(b"\xe0\x7f\x10\x00")])  # just before (7FE0,0010)
+    spool = Spool(settings)
+    with pytest.raises(RefusedInstance, match="has no Pixel Data .7FE0,0010."):
+        spool.ingest_file(cut)
+    assert spool_files(settings) == []
+    spool.ingest_file(ct_series.files[0])  # the complete file is then stored
+    assert len(spool_files(settings)) == 1

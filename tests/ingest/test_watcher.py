@@ -210,3 +210,26 @@ def test_a_restart_reads_again_only_what_changed(
         wait_until(lambda: (w.ingested, w.refused) == (3, 1))
         wait_until(lambda: not list(drop.iterdir()))
     assert store.watched_files(drop) == {}
+
+
+def test_special_files_and_links_are_refused_without_reading_them(
+    settings: Settings, store: Store, drop: Path, tmp_path: Path, ct_series: SyntheticSeries
+):
+    """A FIFO would block a reader forever; a link could expose any file the daemon can read
+    (its target copied into the quarantine): both are refused unread, and ingest goes on."""
+    import os
+
+    os.mkfifo(drop / "fifo.dcm")
+    secret = tmp_path / "secret.dcm"
+    secret.write_bytes(ct_series.files[0].read_bytes())
+    secret.chmod(0o600)
+    (drop / "link.dcm").symlink_to(secret)
+    with watching(settings, store, drop, settle_seconds=0.2) as watcher:
+        (drop / "good.dcm").write_bytes(ct_series.files[1].read_bytes())
+        wait_until(lambda: watcher.ingested == 1 and watcher.refused == 2, timeout=30)
+    found = {Path(r["original_name"]).name: r for r in reasons(settings)}
+    assert "not a regular file (a FIFO); nothing was read" in found["fifo.dcm"]["reason"]
+    assert "a symbolic link" in found["link.dcm"]["reason"]
+    for record in found.values():
+        assert (settings.quarantine_dir / record["file"]).read_bytes() == b""
+    assert len(spool_files(settings)) == 1  # only the regular file

@@ -277,6 +277,63 @@ def pixel_data_shortfall(layout: DatasetLayout) -> str | None:
     return None
 
 
+# storage SOP classes whose IOD requires pixel data (the Image Pixel module, or the
+# Multi-frame Functional Groups with Pixel Data, is mandatory): an instance of one of these
+# without it was cut short, e.g. a drop-folder copy that paused at an element boundary
+_PIXEL_DATA_REQUIRED = frozenset(
+    "1.2.840.10008.5.1.4.1.1." + suffix
+    for suffix in (
+        "1",
+        "1.1",
+        "1.1.1",
+        "1.2",
+        "1.2.1",
+        "1.3",
+        "1.3.1",  # CR, DX, MG, intra-oral
+        "2",
+        "2.1",
+        "2.2",  # CT, Enhanced CT, Legacy Converted Enhanced CT
+        "3.1",
+        "6.1",
+        "6.2",  # ultrasound
+        "4",
+        "4.1",
+        "4.4",  # MR, Enhanced MR, Legacy Converted Enhanced MR
+        "7",
+        "7.1",
+        "7.2",
+        "7.3",
+        "7.4",  # secondary capture
+        "12.1",
+        "12.1.1",
+        "12.2",
+        "12.2.1",  # XA, RF
+        "13.1.1",
+        "13.1.3",  # breast tomosynthesis, X-ray 3D
+        "20",  # NM
+        "66.4",  # Segmentation
+        "77.1.4",  # VL photographic
+        "128",
+        "128.1",
+        "130",  # PET, Legacy Converted Enhanced PET, Enhanced PET
+        "481.1",  # RT Image
+    )
+)
+_PIXEL_DATA_TAGS = (_PIXEL_DATA, 0x7FE00008, 0x7FE00009)  # Pixel, Float, Double Float
+
+
+def missing_pixel_data(layout: DatasetLayout, sop_class_uid: str) -> str | None:
+    """Why an instance of an image SOP class has no pixel data at all, or None."""
+    if sop_class_uid not in _PIXEL_DATA_REQUIRED:
+        return None
+    if any(tag in layout.elements for tag in _PIXEL_DATA_TAGS):
+        return None
+    from pydicom.uid import UID
+
+    name = UID(sop_class_uid).name
+    return f"truncated: this {name} instance has no Pixel Data (7FE0,0010), which it requires"
+
+
 def _jsonable(value: Any) -> Any:
     # pydicom's IS, DSfloat, UID and PersonName become plain JSON types
     if isinstance(value, MultiValue | list | tuple):

@@ -32,6 +32,7 @@ import errno
 import json
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
@@ -49,6 +50,7 @@ from rtauto.ingest.header import (
     build_file_meta,
     guess_raw_encoding,
     header_attributes,
+    missing_pixel_data,
     pixel_data_shortfall,
     read_file_meta,
     scan_dataset,
@@ -182,6 +184,33 @@ class StreamedFile:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
+
+
+def _read_regular(path: Path, follow_symlinks: bool) -> bytes:
+    """The bytes of a regular file; :class:`_Invalid` for anything else (never blocks on a
+    FIFO, never reads through a symbolic link unless ``follow_symlinks``)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_symlinks:
+            raise _Invalid(
+                "a symbolic link: rtauto reads only regular files from a drop folder "
+                "(what it points to was not read)",
+                STATUS_CANNOT_UNDERSTAND,
+            ) from None
+        raise
+    with open(fd, "rb", closefd=True) as file:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kinds = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device"}
+            kind = kinds.get(stat.S_IFMT(mode), "a device or other special file")
+            raise _Invalid(
+                f"not a regular file ({kind}); nothing was read", STATUS_CANNOT_UNDERSTAND
+            )
+        return file.read()
 
 
 def _open_unnamed(folder: Path) -> int:
@@ -319,17 +348,24 @@ class Spool:
             if streamed is not None:
                 streamed.close()
 
-    def ingest_file(self, path: Path, *, source: str = "folder") -> InstanceRecord:
+    def ingest_file(
+        self, path: Path, *, source: str = "folder", follow_symlinks: bool = True
+    ) -> InstanceRecord:
         """Copy a DICOM file into the spool (the original is never moved or modified).
 
         A file with a Part 10 header is stored byte for byte; a bare data set (no ``DICM``
         prefix, little endian) is stored behind a file meta header built by rtauto.
-        Raises :class:`RefusedInstance` after quarantining the file.
+        Only regular files are read (a FIFO or a device is refused without reading it);
+        ``follow_symlinks=False`` (drop folders) refuses a symbolic link instead of reading
+        what it points to. Raises :class:`RefusedInstance` after quarantining the file.
         """
         path = Path(path)
-        data = path.read_bytes()
-        view = memoryview(data)
         original = str(path)
+        try:
+            data = _read_regular(path, follow_symlinks)
+        except _Invalid as bad:
+            raise self._refuse([], bad, source, "", "", original) from None
+        view = memoryview(data)
         try:
             try:
                 file_meta = read_file_meta(view)
@@ -431,6 +467,9 @@ class Spool:
                     f"{keyword} {_text(value)} is not a valid DICOM UID", STATUS_DATASET_MISMATCH
                 )
             uids[keyword] = value
+        missing = missing_pixel_data(layout, uids["SOPClassUID"])
+        if missing:
+            raise _Invalid(missing, STATUS_CANNOT_UNDERSTAND)
         return layout, uids
 
     # -- writing -------------------------------------------------------------------------------

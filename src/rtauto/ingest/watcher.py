@@ -172,7 +172,7 @@ class FolderWatcher:
         if _ignored(path):
             return
         try:
-            st = path.stat()
+            st = path.lstat()  # a symbolic link is refused, not followed
         except OSError:
             return
         signature = (st.st_size, st.st_mtime_ns)
@@ -220,7 +220,7 @@ class FolderWatcher:
             if self._stopping.is_set():
                 break
             try:
-                st = path.stat()
+                st = path.lstat()
             except OSError:
                 self._forget(path)
                 continue
@@ -244,7 +244,7 @@ class FolderWatcher:
     def _ingest(self, path: Path, candidate: _Candidate, signature: tuple[int, int]) -> None:
         assert self.store is not None
         try:
-            record = self.spool.ingest_file(path, source="folder")
+            record = self.spool.ingest_file(path, source="folder", follow_symlinks=False)
             self.store.record_instance(record)
             self.ingested += 1
             outcome = "ingested"
@@ -286,7 +286,7 @@ class FolderWatcher:
     @staticmethod
     def _changed_since(path: Path, signature: tuple[int, int]) -> bool:
         try:
-            st = path.stat()
+            st = path.lstat()
         except OSError:
             return False
         return (st.st_size, st.st_mtime_ns) != signature
