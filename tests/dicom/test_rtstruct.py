@@ -247,3 +247,21 @@ def test_a_structure_beyond_max_contours_is_refused_before_anything_is_written(
     write_rtstruct(volume, structures[:-1], tmp_path / "rs.dcm", max_contours=100)
     read, _ = read_rtstruct(tmp_path / "rs.dcm", volume)
     assert [s.name for s in read] == ["BODY", "Ring", "Nodule"]
+
+
+def test_nothing_to_write_is_refused_and_an_unknown_interpreted_type_stays_unknown(
+    tmp_path: Path, dicom_checks
+):
+    from rtauto.dicom.rtstruct import EmptyStructureSetError
+
+    series = write_ct_series(tmp_path / "ct", rows=24, cols=24, slices=3)
+    volume = load_series(series.files)
+    empty = Structure("SpinalCord", np.zeros(volume.shape, dtype=bool), (255, 0, 0))
+    out = tmp_path / "rs.dcm"
+    with pytest.raises(EmptyStructureSetError, match="no structure to write"):
+        write_rtstruct(volume, [empty], out, drop_empty=True)
+    # a structure whose type the source left empty (unknown) is not written as ORGAN
+    marker = Structure("Marker", volume.array > -300, (255, 255, 0), interpreted_type="")
+    write_rtstruct(volume, [marker], out)
+    assert dicom_checks.dciodvfy_errors(out) == []
+    assert read_rtstruct(out, volume)[0][0].interpreted_type == ""

@@ -90,3 +90,32 @@ def test_seg_refuses_a_wrong_mask_shape(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="mask shape"):
         write_seg(volume, [Structure("BODY", np.zeros((3, 8, 8), bool))], tmp_path / "seg.dcm")
     assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_a_japanese_character_set_and_an_unknown_sex_are_carried_over(
+    tmp_path: Path, dicom_checks
+) -> None:
+    """Legal in a received CT, refused by highdicom as they stand: a first character set value
+    left empty (ISO 2022 with code extensions) and a Patient's Sex of U (anonymised data)."""
+    import pydicom
+
+    from rtauto.dicom.rtstruct import read_rtstruct, write_rtstruct
+
+    series = write_ct_series(tmp_path / "ct", rows=32, cols=32, slices=4)
+    for path in series.files:
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+        ds.PatientName = "Yamada^Tarou=山田^太郎"
+        ds.PatientSex = "U"
+        ds.save_as(path)
+    volume = load_series(series.files)
+    body = Structure("BODY", volume.array > -300, (0, 255, 0), "EXTERNAL")
+    seg_path, rs_path = tmp_path / "seg.dcm", tmp_path / "rs.dcm"
+    write_seg(volume, [body], seg_path, algorithm_name="threshold")
+    write_rtstruct(volume, [body], rs_path)
+    for path in (seg_path, rs_path):
+        assert dicom_checks.dciodvfy_errors(path) == []
+        written = pydicom.dcmread(path)
+        assert "山田^太郎" in str(written.PatientName)
+        assert written.PatientSex == ""  # U is not an enumerated value: unknown
+    assert read_rtstruct(rs_path, volume)[0][0].mask.sum() == body.mask.sum()

@@ -269,3 +269,19 @@ def test_a_model_whose_output_is_noise_fails_and_writes_nothing(
     ):
         run_segment(ctx, SegmentParams(model="untrained@1", output="both", max_contours=500))
     assert list(ctx.workdir.iterdir()) == [] and ctx.artifacts == []
+
+
+def test_nothing_found_with_drop_empty_fails_and_writes_nothing(
+    tmp_path: Path, make_context
+) -> None:
+    """A scan of air: no structure is found, and an RTSTRUCT without ROIs (or a SEG without
+    segments) is not a valid object, so the step fails instead of routing one."""
+    air = np.full((32, 128, 128), -1000.0, dtype=np.float32)
+    series = write_ct_series(tmp_path / "ct", hu=air, spacing=SPACING)
+    ctx = make_context(series.files)
+    with pytest.raises(
+        StepFailed,
+        match=r"no structure was found \(empty: Lung_L, Lung_R, SpinalCord\); nothing was written",
+    ):
+        run_segment(ctx, SegmentParams(model="demo-thorax@1", output="both", drop_empty=True))
+    assert list(ctx.workdir.iterdir()) == [] and ctx.artifacts == []

@@ -31,6 +31,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
+from rtauto.dicom.attributes import patient_sex
 from rtauto.uids import new_uid
 
 __all__ = [
@@ -192,9 +193,7 @@ def _base_dataset(
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in study:
             setattr(ds, keyword, study.get(keyword))
-    if str(ds.get("PatientSex", "")) not in ("M", "F", "O"):
-        # an out-of-range source value (seen in anonymised data) would make the REG invalid
-        ds.PatientSex = ""
+    ds.PatientSex = patient_sex(ds)  # an out-of-range value (anonymised data) is left empty
     for keyword in ("PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime"):
         if keyword not in ds:
             setattr(ds, keyword, "")
@@ -207,6 +206,8 @@ def _base_dataset(
     ds.SeriesInstanceUID = new_uid()
     ds.SeriesNumber = 900
     ds.SeriesDescription = series_description[:64]
+    # Type 2C: dciodvfy requires it where the body part may be paired (an empty value is only
+    # a warning where it is not), so it is always present and empty
     ds.Laterality = ""
     ds.SeriesDate = ds.InstanceCreationDate
     ds.SeriesTime = ds.InstanceCreationTime

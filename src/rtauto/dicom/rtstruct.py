@@ -36,12 +36,14 @@ from pydicom.tag import Tag
 from pydicom.uid import ImplicitVRLittleEndian, RTStructureSetStorage
 from skimage.measure import points_in_poly
 
+from rtauto.dicom.attributes import patient_sex
 from rtauto.dicom.geometry import GeometryError, Volume
 from rtauto.uids import new_uid
 
 __all__ = [
     "RTSTRUCT_INTERPRETED_TYPES",
     "ContourLimitError",
+    "EmptyStructureSetError",
     "Structure",
     "StructureSetInfo",
     "mask_to_polygons",
@@ -51,6 +53,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+class EmptyStructureSetError(ValueError):
+    """Nothing is left to write (every structure empty and left out): a structure set needs
+    at least one ROI, so none is written."""
 
 
 class ContourLimitError(ValueError):
@@ -390,7 +397,8 @@ def write_rtstruct(
                 f"structure {structure.name}: mask shape {structure.mask.shape} "
                 f"is not the volume's {volume.shape}"
             )
-        if structure.interpreted_type not in RTSTRUCT_INTERPRETED_TYPES:
+        kind = structure.interpreted_type  # empty: unknown (the attribute is Type 2)
+        if kind and kind not in RTSTRUCT_INTERPRETED_TYPES:
             raise ValueError(
                 f"structure {structure.name}: RTROIInterpretedType "
                 f"{structure.interpreted_type!r} is not a DICOM defined term"
@@ -411,11 +419,8 @@ def write_rtstruct(
     ds.SOPClassUID = RTStructureSetStorage
     ds.SOPInstanceUID = sop_uid
     # Patient and General Study modules: copied from the image so the TPS files it together.
-    _copy_attributes(
-        ds,
-        first,
-        ["PatientName", "PatientID", "PatientBirthDate", "PatientSex"],
-    )
+    _copy_attributes(ds, first, ["PatientName", "PatientID", "PatientBirthDate"])
+    ds.PatientSex = patient_sex(first)
     _copy_attributes(
         ds,
         first,
@@ -523,6 +528,11 @@ def write_rtstruct(
         observation.ROIInterpreter = ""
         observation_items.append(observation)
 
+    if not roi_items:
+        # the three ROI sequences are Type 1: a structure set needs at least one ROI
+        raise EmptyStructureSetError(
+            "no structure to write: every structure is empty and drop_empty leaves them out"
+        )
     ds.StructureSetROISequence = DicomSequence(roi_items)
     ds.ROIContourSequence = DicomSequence(contour_items)
     ds.RTROIObservationsSequence = DicomSequence(observation_items)
@@ -673,7 +683,7 @@ def read_rtstruct(
                 name=name,
                 mask=mask,
                 color=color,  # type: ignore[arg-type]
-                interpreted_type=types.get(number, "") or "ORGAN",
+                interpreted_type=types.get(number, ""),  # empty: the source did not say
                 description=str(roi.get("ROIGenerationDescription", "")) if roi else "",
                 algorithm=str(roi.get("ROIGenerationAlgorithm", "")) if roi else "",
                 number=number,

@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from rtauto.dicom.attributes import utf8_header
 from rtauto.dicom.geometry import GeometryError, Volume
 from rtauto.dicom.rtstruct import Structure
 from rtauto.uids import new_uid
@@ -53,6 +54,7 @@ def write_seg(
     *,
     algorithm_name: str = "rtauto",
     algorithm_version: str = "0",
+    algorithm_family: str = "ArtificialIntelligence",
     manufacturer: str = "rtauto",
     model_name: str = "rtauto",
     software_versions: Sequence[str] = ("rtauto",),
@@ -64,9 +66,13 @@ def write_seg(
     """Write a BINARY SEG of ``structures`` (masks on ``volume``'s grid); returns the dataset.
 
     ``source_images`` defaults to ``volume.headers`` (slice order). ``derivation_description``
-    becomes the SEG's ContentDescription. New UIDs come from :func:`rtauto.uids.new_uid`.
+    becomes the SEG's ContentDescription (cut at a word, at most 64 characters).
+    ``algorithm_family``: a concept of CID 7162 (``ArtificialIntelligence`` for a model,
+    ``HistogramAnalysis`` for thresholds). New UIDs come from :func:`rtauto.uids.new_uid`.
     """
-    images = list(source_images or volume.headers)
+    # highdicom refuses some legal source values (a first empty character set value, a
+    # Patient's Sex of U): it gets decoded UTF-8 copies with normalised values
+    images = [utf8_header(image) for image in (source_images or volume.headers)]
     if len(images) != volume.shape[0]:
         raise GeometryError("SEG needs one source image per slice of the volume")
     if not structures:
@@ -85,7 +91,7 @@ def write_seg(
         pixel_array = labels
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name[:64],
-        family=codes.cid7162.ArtificialIntelligence,
+        family=getattr(codes.cid7162, algorithm_family),
         version=algorithm_version[:64],
     )
     descriptions = [
@@ -115,7 +121,7 @@ def write_seg(
         manufacturer_model_name=model_name[:64],
         software_versions=[v[:64] for v in software_versions],  # type: ignore[arg-type]
         device_serial_number="0",
-        content_description=derivation_description[:64] or None,
+        content_description=_shortened(derivation_description, 64) or None,
         content_label="RTAUTO",
         omit_empty_frames=True,
     )
@@ -157,3 +163,11 @@ def read_seg(path: Path | str, volume: Volume) -> list[Structure]:
             Structure(name=str(description.segment_label), mask=pixels[..., index] > 0)
         )
     return structures
+
+
+def _shortened(text: str, limit: int) -> str:
+    """``text`` cut at the last word boundary that fits ``limit`` characters."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit + 1].rsplit(" ", 1)[0].rstrip(" ,;:(")
+    return cut if cut else text[:limit]

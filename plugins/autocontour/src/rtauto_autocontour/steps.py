@@ -120,8 +120,13 @@ def _write_outputs(
     extra_description: str,
     provenance: dict[str, Any],
     max_contours: int | None = None,
+    algorithm_family: str = "ArtificialIntelligence",
 ) -> dict[str, str]:
     """Write RTSTRUCT and/or SEG atomically into the workdir and record them as artifacts."""
+    if drop_empty and not any(s.mask.any() for s in structures):
+        # an RTSTRUCT needs one ROI and a SEG one segment: nothing a TPS could load is left
+        names = ", ".join(s.name for s in structures)
+        raise StepFailed(f"no structure was found (empty: {names}); nothing was written")
     versions = [*ctx.provenance.software_versions(), *extra_versions]
     description = ctx.provenance.derivation_description() + extra_description
     ctx.workdir.mkdir(parents=True, exist_ok=True)
@@ -161,6 +166,7 @@ def _write_outputs(
                 partial,
                 algorithm_name=algorithm[0],
                 algorithm_version=algorithm[1],
+                algorithm_family=algorithm_family,
                 manufacturer="rtauto",
                 model_name=algorithm[0],
                 software_versions=versions,
@@ -314,6 +320,7 @@ def run_threshold(ctx: StepContext, params: ThresholdParams) -> StepResult:
         drop_empty=False,
         label="threshold",
         algorithm=("rtauto-threshold", "1"),
+        algorithm_family="HistogramAnalysis",  # HU thresholds and morphology, no model
         extra_versions=[],
         extra_description=f"; {rule}",
         provenance={"rule": rule},

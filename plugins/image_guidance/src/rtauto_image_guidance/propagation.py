@@ -18,7 +18,12 @@ from rtauto_image_guidance.reference import _StoreLookup, choose_daily
 
 from rtauto.dicom.geometry import GeometryError, Volume, load_series
 from rtauto.dicom.reg import read_registration
-from rtauto.dicom.rtstruct import Structure, read_rtstruct, write_rtstruct
+from rtauto.dicom.rtstruct import (
+    RTSTRUCT_INTERPRETED_TYPES,
+    Structure,
+    read_rtstruct,
+    write_rtstruct,
+)
 from rtauto.errors import StepFailed
 from rtauto.steps import StepContext, StepResult
 
@@ -118,7 +123,10 @@ def propagate(ctx: StepContext, params: PropagateParams, reg_path: Path) -> Step
             name=s.name,
             mask=resample_mask(s.mask, reference, daily, daily_to_reference),
             color=s.color,
-            interpreted_type=s.interpreted_type,
+            # a vendor term outside the defined ones (e.g. UNSUPPORTED) is written as unknown
+            interpreted_type=(
+                s.interpreted_type if s.interpreted_type in RTSTRUCT_INTERPRETED_TYPES else ""
+            ),
             description=f"propagated from {info.sop_instance_uid} by rigid registration",
             algorithm="AUTOMATIC",
         )
