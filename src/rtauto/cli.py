@@ -73,9 +73,15 @@ def _host(settings: Settings | None = None) -> Any:
     return build_plugin_manager(settings)
 
 
-def _store(settings: Settings, migrate: bool = True) -> Any:
+def _store(settings: Settings, migrate: bool = True, *, existing: bool = False) -> Any:
+    """The job store. ``existing``: for commands that only read or replay what a daemon or a
+    run recorded, a SQLite store that does not exist yet is an error (a mistyped --home
+    would otherwise answer "no jobs" from a new, empty store)."""
     from rtauto.store import Store
 
+    database = Path(settings.home) / "rtauto.db"
+    if existing and settings.store_url is None and not database.exists():
+        _die(f"rtauto: no job store at {database} (is --home or --config right?)", 1)
     return Store(settings.database_url, migrate=migrate)
 
 
@@ -509,7 +515,7 @@ def jobs(
     from rtauto.store.summary import job_summary
 
     settings = _settings(config, home)
-    store = _store(settings)
+    store = _store(settings, existing=True)
     if job_id:
         job = store.get_job(job_id)
         if job is None:
@@ -544,7 +550,7 @@ def replay(
     from rtauto.route.replay import replay_job
 
     settings = _settings(config, home)
-    store = _store(settings)
+    store = _store(settings, existing=True)
     host = _host(settings)
     job = store.get_job(job_id)
     if job is None:
@@ -555,9 +561,9 @@ def replay(
         _die(f"rtauto replay: {exc}", 1)
     failed = 0
     for row in rows:
-        status = getattr(row, "status", None) or row.get("status")
-        failed += status != "delivered"
-        typer.echo(f"{status:<10} {getattr(row, 'destination', '')}  {getattr(row, 'path', '')}")
+        failed += row.status != "delivered"
+        why = f"  ({row.error})" if row.error else ""
+        typer.echo(f"{row.status:<10} {row.destination}  {row.path}{why}")
     raise typer.Exit(1 if failed else 0)
 
 

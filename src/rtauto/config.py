@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from rtauto.errors import ConfigError
 
@@ -146,7 +153,10 @@ class Settings(_Strict):
         description="site plugins that are not packaged: name -> importable module "
         "(e.g. {local_checks: my_site.checks}); loaded like entry-point plugins",
     )
-    log_level: str = "INFO"
+    log_level: Annotated[
+        Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
+    ] = "INFO"
 
     @field_validator("uid_root")
     @classmethod

@@ -104,8 +104,12 @@ class Daemon:
             known_destinations=lambda: set(settings.destinations),
             destination_types=lambda: self.host.destination_types,
         )
-        for message in self.library.refresh():
-            log.info("%s", message)
+        if not Path(settings.workflows_dir).is_dir():
+            log.warning(
+                "the workflows folder %s does not exist: no workflow runs until it is created",
+                settings.workflows_dir,
+            )
+        self.library.refresh()  # logs each change itself
         self.engine = Engine(settings, self.store, self.host)
         resumed = self.engine.recover()
         if resumed:
@@ -227,8 +231,7 @@ class Daemon:
         if now - self._last_reload >= 1.0:
             self._last_reload = now
             self._reload_plugins_if_changed()
-            for message in self.library.refresh():
-                log.info("%s", message)
+            self.library.refresh()  # logs each change itself
         self.assembler.tick(now)
         self.engine.tick()
         self.last_tick = now

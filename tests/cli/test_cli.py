@@ -231,3 +231,12 @@ def test_plugins_add_commands_through_rtauto_add_commands():
     assert failures == ["plugin broken could not add its commands: no licence"]
     result = CliRunner().invoke(app, ["site-hello", "--name", "dosimetry"])
     assert result.exit_code == 0 and "hello dosimetry" in result.output
+
+
+def test_reading_commands_refuse_a_home_without_a_job_store(tmp_path):
+    typo = tmp_path / "typo"
+    for args in (["jobs"], ["replay", "0123abcd"]):
+        result = rtauto(*args, "--home", str(typo))
+        assert result.returncode == 1
+        assert f"no job store at {typo / 'rtauto.db'}" in result.stderr
+    assert not typo.exists()  # nothing was created where the mistyped home points

@@ -96,7 +96,7 @@ def test_replay_to_a_destination_of_the_jobs_workflow(
     assert rows["tps"].status == "delivered" and rows["tps"].attempts == 1
 
 
-def test_replay_to_an_unknown_destination_reports_each_item(
+def test_replay_to_an_unknown_destination_is_refused_and_records_nothing(
     make_context, store, job, kit, tmp_path, test_data, host
 ):
     artifact = kit.dicom_artifact(test_data / "dicompyler-core-example" / "rtss.dcm")
@@ -106,10 +106,16 @@ def test_replay_to_an_unknown_destination_reports_each_item(
     route_folder(
         make_context(artifacts={"contour": [artifact]}), RouteFolderParams(destination="out")
     )
-    [result] = replay_job(store, Settings(home=tmp_path / "home"), host, job.id, destination="pacs")
-    assert not result.delivered and "'pacs' is not defined" in result.error
+    settings = Settings(home=tmp_path / "home")
+    with pytest.raises(RtautoError, match="--to pacs: destination 'pacs' is not defined"):
+        replay_job(store, settings, host, job.id, destination="pacs")
+    # a misspelt name leaves no dead letters behind for later replays to retry
     rows = {r.destination: r.status for r in store.deliveries_of(job.id)}
-    assert rows == {"out": "delivered", "pacs": "dead"}
+    assert rows == {"out": "delivered"}
+    # a destination the configuration no longer has: each item says why, records unchanged
+    [result] = replay_job(store, settings, host, job.id)
+    assert not result.delivered and "'out' is not defined" in result.error
+    assert {r.destination: r.status for r in store.deliveries_of(job.id)} == rows
 
 
 def test_replay_of_an_unknown_job(store, tmp_path, host):

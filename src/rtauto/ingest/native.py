@@ -58,6 +58,12 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
 REJECT_PROTOCOL_VERSION = (0x01, 0x02, 0x02)
+_REJECTION_TEXT = {
+    REJECT_CALLING_AE: "calling AE title not allowed (scp.allowed_calling_ae_titles)",
+    REJECT_CALLED_AE: "called AE title is not this SCP's",
+    REJECT_APPLICATION_CONTEXT: "application context not supported",
+    REJECT_PROTOCOL_VERSION: "protocol version not supported",
+}
 
 # presentation context results (PS3.8 9.3.3.2)
 _ACCEPTED = 0x00
@@ -465,11 +471,16 @@ class _Association:
         self.peer_max_pdu = request.max_pdu
         rejection = self._rejection(request)
         if rejection is not None:
+            try:
+                peer = "{}:{}".format(*self.conn.getpeername()[:2])
+            except OSError:
+                peer = "?"
             log.warning(
-                "rejected association from %r to %r (result %d, source %d, reason %d)",
+                "rejected association from %r at %s to %r: %s",
                 request.calling_ae,
+                peer,
                 request.called_ae,
-                *rejection,
+                _REJECTION_TEXT.get(rejection, f"result {rejection}"),
             )
             self.conn.sendall(struct.pack(">BBIBBBB", _ASSOCIATE_RJ, 0, 4, 0, *rejection))
             return False

@@ -76,6 +76,12 @@ def replay_job(
     rows = [row for row in store.deliveries_of(job.id) if row.status in REPLAYED_STATUSES]
     destinations = job_destinations(settings, job.workflow_text)
     home = Path(settings.home) if getattr(settings, "home", None) is not None else None
+    if destination is not None:
+        # a misspelt --to must not leave records (dead letters) for a destination that is none
+        try:
+            resolve_destination(destination, destinations, host.destination_types.get, home=home)
+        except StepError as exc:
+            raise RtautoError(f"--to {destination}: {exc}") from None
 
     # one send per destination; an item once per destination even if several steps sent it
     plan: dict[str, dict[str, Any]] = {}
@@ -109,6 +115,14 @@ def _replay_to(
     home: Path | None,
 ) -> list[ReplayResult]:
     items = {key: DeliveryItem(key, Path(row.path)) for key, row in by_key.items()}
+    try:
+        resolved = resolve_destination(target, destinations, host.destination_types.get, home=home)
+    except StepError as exc:
+        # the destination is no longer configured: nothing was sent, the records stay as they are
+        return [
+            ReplayResult(key, row.path, target, row.step_id, False, str(exc))
+            for key, row in by_key.items()
+        ]
     records = {
         key: store.delivery(job_id, row.step_id, key, row.path, target)
         for key, row in by_key.items()
@@ -116,7 +130,6 @@ def _replay_to(
     confirmed: set[str] = set()
     error: str | None = None
     try:
-        resolved = resolve_destination(target, destinations, host.destination_types.get, home=home)
 
         def confirm(item: DeliveryItem) -> None:
             record = records[item.key]
