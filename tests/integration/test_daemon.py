@@ -373,6 +373,11 @@ def test_dashboard_api_and_metrics(daemon_factory, tmp_path):
     assert 'rtauto_jobs{status="ok"} 1' in metrics
     assert 'rtauto_steps{uses="site.sleep",status="ok"} 1' in metrics
     assert "rtauto_up 1" in metrics
+    status = _json.loads(get("/api/status"))
+    free = shutil.disk_usage(daemon.home).free
+    assert abs(status["home_free_bytes"] - free) < 0.05 * status["home_total_bytes"]
+    [free_line] = [line for line in metrics.splitlines() if line.startswith("rtauto_home_free")]
+    assert abs(float(free_line.split()[1]) - free) < 0.05 * status["home_total_bytes"]
     page = get("/")
-    assert "count-ct" in page and job.id[:12] in page
+    assert "count-ct" in page and job.id[:12] in page and "free in home" in page
     assert _json.loads(get("/api/workflows"))["workflows"][0]["name"] == "count-ct"

@@ -7,6 +7,7 @@ Endpoints: ``/`` (dashboard page), ``/api/status``, ``/api/jobs``, ``/api/jobs/{
 from __future__ import annotations
 
 import html
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -33,12 +34,20 @@ def _status(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) ->
         if settings.quarantine_dir.exists()
         else 0
     )
+    try:
+        disk = shutil.disk_usage(settings.home)
+        free, total = disk.free, disk.total
+    except OSError:
+        free = total = 0
     return {
         "version": __version__,
         "instances": instances,
         "jobs": jobs,
         "deliveries": deliveries,
         "quarantined": quarantined,
+        # the spool, jobs and store share the home: when it fills, the SCP refuses instances
+        "home_free_bytes": free,
+        "home_total_bytes": total,
         **extra(),
     }
 
@@ -70,6 +79,12 @@ def _metrics(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) -
         "counter",
         "DICOM instances stored in the spool",
         iter([("", status["instances"])]),
+    )
+    family(
+        "rtauto_home_free_bytes",
+        "gauge",
+        "free space on the file system of rtauto's home (spool, jobs, store)",
+        iter([("", status["home_free_bytes"])]),
     )
     family(
         "rtauto_quarantined_files",
@@ -126,6 +141,15 @@ def _metrics(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) -
         iter([("", 1 if time.time() - status.get("last_tick", 0) < 30 else 0)]),
     )
     return "\n".join(lines) + "\n"
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
 
 
 PAGE = """<!doctype html>
@@ -210,6 +234,7 @@ def create_app(
                 ),
                 ("dead letters", status["deliveries"].get("dead", 0)),
                 ("quarantined files", status["quarantined"]),
+                ("free in home", _size(status["home_free_bytes"])),
             )
         )
         rows = []
