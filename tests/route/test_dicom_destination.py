@@ -153,8 +153,17 @@ def test_sop_class_the_peer_does_not_take_is_refused_and_the_rest_delivered(
 
 
 def test_closed_port_is_transient(ct_files):
-    with pytest.raises(StepRetry, match="cannot reach"):
+    with pytest.raises(StepRetry, match="cannot connect"):
         send_dicom(config_for(free_port(), timeout=5), ct_files[:1])
+
+
+def test_a_port_that_accepts_but_never_answers_is_told_apart(ct_files):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never speaks DICOM
+        port = silent.getsockname()[1]
+        with pytest.raises(StepRetry, match="connected, but the association request got no"):
+            send_dicom(config_for(port, timeout=2), ct_files[:1])
 
 
 def test_out_of_resources_is_transient(tmp_path, ct_files):
@@ -247,7 +256,7 @@ def test_tls_with_a_private_ca(kit, tmp_path, ct_files):
         )
         assert len(scp.received) == 2
         # a peer whose certificate we cannot verify gets nothing
-        with pytest.raises(StepRetry, match="cannot reach"):
+        with pytest.raises(StepRetry, match="connected, but the TLS handshake"):
             send_dicom(config_for(scp.port, tls={}, timeout=5), ct_files[2:3])
     assert len(scp.received) == 2
 

@@ -60,7 +60,7 @@ def test_replay_of_dead_letters_once_the_destination_is_back(
 
     # still down: the item stays in the dead-letter list, with the replay's error
     [still_down] = replay_job(store, settings, host, job.id)
-    assert not still_down.delivered and "cannot reach" in still_down.error
+    assert not still_down.delivered and "cannot connect" in still_down.error
     assert still_down.status == "failed"
     [dead] = store.dead_letters()
     assert dead.last_error.startswith("replay: ") and dead.attempts == 2

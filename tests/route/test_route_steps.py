@@ -128,11 +128,11 @@ def test_destination_down_asks_for_a_retry(make_context, store, job, kit, rtstru
     make_context.add("tps", ae_title="TPS", host="127.0.0.1", port=free_port(), timeout=5)
     make_context.add("backup", path=str(tmp_path))  # alternates wait for the last attempt
     ctx = make_context(artifacts={"contour": [kit.dicom_artifact(rtstruct)]}, max_attempts=3)
-    with pytest.raises(StepRetry, match="tps: .*cannot reach"):
+    with pytest.raises(StepRetry, match="tps: .*cannot connect"):
         route_dicom(ctx, RouteDicomParams(destination="tps", alternates=["backup"]))
     [row] = store.deliveries_of(job.id)
     assert (row.status, row.attempts, row.destination) == ("failed", 1, "tps")
-    assert "cannot reach" in row.last_error
+    assert "cannot connect" in row.last_error
     assert store.dead_letters() == []
     assert not list(tmp_path.glob("RTSTRUCT.*"))
 
@@ -182,7 +182,7 @@ def test_dead_letters_when_every_destination_fails(
             route_dicom(ctx, RouteDicomParams(destination="tps", alternates=["backup"]))
     message = str(failure.value)
     assert "2 of 2 item(s)" in message and "dead-letter" in message
-    assert "tps: " in message and "cannot reach" in message
+    assert "tps: " in message and "cannot connect" in message
     assert "backup: " in message and "0xA700" in message
     dead = store.dead_letters()
     assert sorted(r.item_key for r in dead) == sorted(a.sop_instance_uid for a in artifacts)

@@ -9,6 +9,7 @@ destination contract: :class:`StepRetry` when the peer is unreachable, busy or a
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -164,8 +165,27 @@ def _association_refused(assoc: object, config: DicomDestinationConfig) -> Excep
         names = sorted({str(cx.abstract_syntax.name) for cx in refused})
         return StepFailed(f"{where} accepts none of the proposed SOP classes ({', '.join(names)})")
     if response is None:
-        return StepRetry(f"cannot reach {where} (connection refused, timed out or TLS failed)")
+        return StepRetry(f"{where}: {_why_no_answer(config)}")
     return StepRetry(f"{where} aborted the association")
+
+
+def _why_no_answer(config: DicomDestinationConfig) -> str:
+    """Why no association answer came: the node cannot be reached, or it was reached and
+    stayed silent (a port that is not a DICOM node's, or one expecting TLS or not)."""
+    try:
+        with socket.create_connection((config.host, config.port), timeout=min(config.timeout, 10)):
+            pass
+    except OSError as exc:
+        return f"cannot connect ({exc.strerror or exc})"
+    if config.tls is not None:
+        return (
+            f"connected, but the TLS handshake or the association request got no answer within "
+            f"{config.timeout:g} s (does the node expect TLS, and trust rtauto's certificate?)"
+        )
+    return (
+        f"connected, but the association request got no answer within {config.timeout:g} s "
+        "(is this port a DICOM node's, and does it expect TLS?)"
+    )
 
 
 def send_dicom(
