@@ -738,7 +738,11 @@ def workflow_json_schema(steps: Mapping[str, RegisteredStep] | None = None) -> d
     step_schema = defs["StepSpec"]
     needs = step_schema["properties"]["needs"]
     step_schema["properties"]["needs"] = {
-        "anyOf": [{"type": "string"}, {"type": "array", "items": needs.get("items", {})}],
+        "anyOf": [
+            {"type": "string"},
+            {"type": "array", "items": needs.get("items", {})},
+            {"type": "null"},  # `needs:` left empty, as `with:` may be
+        ],
         "description": needs.get("description", ""),
     }
     step_schema["properties"]["with"] = {
