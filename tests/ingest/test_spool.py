@@ -225,6 +225,8 @@ def test_same_uid_with_other_content_keeps_the_first(
         spool.ingest_file(changed)
     assert refused.value.status == STATUS_DUPLICATE_CONFLICT
     assert "duplicate SOPInstanceUID with different content" in refused.value.reason
+    here, there = len(dataset_bytes(changed)), len(dataset_bytes(ct_series.files[3]))
+    assert f"({here} bytes of data set here, {there} kept)" in refused.value.reason
     assert (settings.spool_dir / first.path).read_bytes() == kept
     assert refused.value.quarantined is not None
     assert refused.value.quarantined.read_bytes() == changed.read_bytes()

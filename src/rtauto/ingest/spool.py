@@ -504,9 +504,12 @@ class Spool:
             kept_dataset = kept[kept_meta.dataset_offset :] if kept_meta else b""
             same_syntax = kept_meta is not None and kept_meta.transfer_syntax == transfer_syntax
             if not (same_syntax and kept_dataset == dataset):
+                sizes = f"{len(dataset)} bytes of data set here, {len(kept_dataset)} kept"
+                if not same_syntax:
+                    sizes += ", another transfer syntax"
                 bad = _Invalid(
-                    f"duplicate SOPInstanceUID with different content: the first version is"
-                    f" kept at {rel}",
+                    f"duplicate SOPInstanceUID with different content ({sizes}): the first"
+                    f" version is kept at {rel}",
                     STATUS_DUPLICATE_CONFLICT,
                 )
                 raise self._refuse([meta, dataset], bad, source, calling_ae, called_ae, original)
