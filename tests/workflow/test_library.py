@@ -133,6 +133,22 @@ def test_two_files_with_one_name_the_later_is_refused_until_the_name_is_free(lib
     assert library.errors == {}
 
 
+def test_at_a_restart_the_older_of_two_files_with_one_name_keeps_it(tmp_path, step_types):
+    """A copy made while the daemon ran was refused; after a restart it must not win the name
+    just because its file name sorts first."""
+    original = tmp_path / "thorax.yaml"
+    write(original, VERSION_1)
+    copy = tmp_path / "thorax-copy.yaml"  # sorts before thorax.yaml
+    write(copy, VERSION_2)
+    hour_ago = original.stat().st_mtime_ns - 3600 * 10**9
+    os.utime(original, ns=(hour_ago, hour_ago))
+    for _ in range(2):  # two restarts: the same choice each time
+        fresh = WorkflowLibrary(tmp_path, lambda: step_types, known_destinations=lambda: {"tps"})
+        fresh.refresh()
+        assert fresh.get("thorax").path == original
+        assert list(fresh.errors) == [copy]
+
+
 def test_a_step_type_that_disappears_refuses_the_file_on_the_next_scan(tmp_path, step_types):
     available = dict(step_types)
     library = WorkflowLibrary(tmp_path, lambda: available)

@@ -214,10 +214,13 @@ class WorkflowLibrary:
         holders = {loaded.path: name for name, loaded in self._active.items()}
         candidates = [(p, e) for p, e in self._entries.items() if e.good is not None]
 
-        def seniority(item: tuple[Path, _Entry]) -> tuple[int, int, str]:
+        def seniority(item: tuple[Path, _Entry]) -> tuple[int, int, int, str]:
             path, entry = item
             holds = entry.good is not None and holders.get(path) == entry.good.name
-            return (0 if holds else 1, entry.since, str(path))
+            # files first seen together (at start) are told apart by age, so a copy made
+            # later never takes the name from the original at a restart
+            modified = entry.stat[0] if entry.stat else 0
+            return (0 if holds else 1, entry.since, modified, str(path))
 
         ordered = sorted(candidates, key=seniority)
         for path, entry in ordered:
