@@ -79,9 +79,11 @@ def _store(settings: Settings, migrate: bool = True, *, existing: bool = False) 
     would otherwise answer "no jobs" from a new, empty store)."""
     from rtauto.store import Store
 
-    database = Path(settings.home) / "rtauto.db"
-    if existing and settings.store_url is None and not database.exists():
-        _die(f"rtauto: no job store at {database} (is --home or --config right?)", 1)
+    if existing and settings.store_url is None and not settings.database_path.exists():
+        _die(
+            f"rtauto: no job store at {settings.database_path} (is --home or --config right?)",
+            1,
+        )
     return Store(settings.database_url, migrate=migrate)
 
 

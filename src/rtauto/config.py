@@ -189,8 +189,13 @@ class Settings(_Strict):
         return self.home / "spool" / ".incoming"
 
     @property
+    def database_path(self) -> Path:
+        """The embedded SQLite job store's file (used unless ``store_url`` is set)."""
+        return self.home / "rtauto.db"
+
+    @property
     def database_url(self) -> str:
-        return self.store_url or f"sqlite:///{(self.home / 'rtauto.db').resolve()}"
+        return self.store_url or f"sqlite:///{self.database_path.resolve()}"
 
     def resolve_paths(self, base: Path) -> Settings:
         """Paths relative to ``base`` (the config file's folder) made absolute."""

@@ -194,7 +194,7 @@ def _base_dataset(
         if keyword in study:
             setattr(ds, keyword, study.get(keyword))
     ds.PatientSex = patient_sex(ds)  # an out-of-range value (anonymised data) is left empty
-    for keyword in ("PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime"):
+    for keyword in ("PatientName", "PatientBirthDate", "StudyDate", "StudyTime"):
         if keyword not in ds:
             setattr(ds, keyword, "")
     for keyword in ("StudyID", "AccessionNumber", "ReferringPhysicianName"):

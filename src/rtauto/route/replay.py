@@ -129,19 +129,19 @@ def _replay_to(
     }
     confirmed: set[str] = set()
     error: str | None = None
+
+    def confirm(item: DeliveryItem) -> None:
+        record = records[item.key]
+        store.update_delivery(
+            record.id,
+            status="delivered",
+            attempts=record.attempts + 1,
+            last_error=None,
+            delivered_at=time.time(),
+        )
+        confirmed.add(item.key)
+
     try:
-
-        def confirm(item: DeliveryItem) -> None:
-            record = records[item.key]
-            store.update_delivery(
-                record.id,
-                status="delivered",
-                attempts=record.attempts + 1,
-                last_error=None,
-                delivered_at=time.time(),
-            )
-            confirmed.add(item.key)
-
         send_items(resolved, list(items.values()), confirm)
     except StepError as exc:
         error = str(exc)

@@ -88,9 +88,6 @@ class Reference:
         return self.path[1] if self.path[0] == "outputs" and len(self.path) > 1 else None
 
 
-_Ref = Reference
-
-
 @dataclass(frozen=True, eq=False)
 class Condition:
     """A parsed ``if:`` expression. Build it with :func:`parse_condition`."""
@@ -181,7 +178,7 @@ class _Checker:
         self.offset = offset
         self.step_ids: set[str] = set()
         self.calls: set[str] = set()
-        self.references: list[_Ref] = []
+        self.references: list[Reference] = []
 
     def fail(self, node: ast.AST, message: str) -> ConditionError:
         return ConditionError(message, getattr(node, "col_offset", 0) + 1 + self.offset)
@@ -269,7 +266,7 @@ class _Checker:
             and owner.value.id == "steps"
         )
 
-    def reference(self, node: ast.expr) -> _Ref:
+    def reference(self, node: ast.expr) -> Reference:
         """Unwind an attribute/subscript chain; it must start at ``steps.<id>.<field>``."""
         chain: list[str | int] = []
         current = node
@@ -299,7 +296,7 @@ class _Checker:
             raise self.fail(node, f"steps.{step_id}.{field}: a step has only status and outputs")
         if field == "status" and len(chain) > 2:
             raise self.fail(node, f"steps.{step_id}.status is a string, it has no fields")
-        return _Ref(step_id, tuple(chain[1:]), node.col_offset + 1 + self.offset)
+        return Reference(step_id, tuple(chain[1:]), node.col_offset + 1 + self.offset)
 
 
 class _Evaluator:
