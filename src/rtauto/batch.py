@@ -114,7 +114,7 @@ def run_batch(
     """
     from rtauto.engine.engine import Engine
     from rtauto.ingest.assembler import create_job_for
-    from rtauto.ingest.spool import Spool
+    from rtauto.ingest.spool import Spool, SpoolFull
     from rtauto.store import Store
     from rtauto.store.summary import job_summary
 
@@ -128,6 +128,9 @@ def run_batch(
     for done, path in enumerate(files, start=1):
         try:
             record = spool.ingest_file(path, source="batch")
+        except SpoolFull:
+            store.record_instances(pending)  # what was read stays indexed; a re-run goes on
+            raise
         except IngestError as exc:
             refused.append({"file": str(path), "reason": exc.reason})
         else:

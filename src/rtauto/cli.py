@@ -199,7 +199,7 @@ def run(
     """Run one workflow once on files or folders, with the daemon's engine but no daemon."""
     from rtauto.engine.engine import Engine
     from rtauto.ingest.assembler import create_job_for
-    from rtauto.ingest.spool import Spool
+    from rtauto.ingest.spool import Spool, SpoolFull
     from rtauto.store.summary import job_summary
 
     out = out.resolve()
@@ -220,6 +220,8 @@ def run(
     for path in _collect_files(inputs):
         try:
             record = spool.ingest_file(path, source="run")
+        except SpoolFull as full:
+            _die(f"rtauto run: {full.reason}; {path} and the inputs after it were not read", 1)
         except IngestError as exc:
             refused += 1
             typer.echo(f"refused {path}: {exc.reason} (quarantined)", err=True)
@@ -339,6 +341,7 @@ def batch(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from rtauto.batch import run_batch, run_folder
+    from rtauto.ingest.spool import SpoolFull
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -375,17 +378,21 @@ def batch(
                 note=f"{ok} ok, {failed} failed" if failed else f"{ok} ok",
             )
 
-        report = run_batch(
-            settings,
-            host,
-            loaded,
-            _collect_files(cohort, "batch"),
-            out,
-            overrides=overrides or [],
-            retry_failed=retry_failed,
-            on_ingest=on_ingest,
-            on_progress=on_progress,
-        )
+        try:
+            report = run_batch(
+                settings,
+                host,
+                loaded,
+                _collect_files(cohort, "batch"),
+                out,
+                overrides=overrides or [],
+                retry_failed=retry_failed,
+                on_ingest=on_ingest,
+                on_progress=on_progress,
+            )
+        except SpoolFull as full:
+            progress.stop()
+            _die(f"rtauto batch: {full.reason}; run it again when there is room (it resumes)", 1)
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2, default=str))
     else:

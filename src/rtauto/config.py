@@ -138,6 +138,14 @@ class Settings(_Strict):
     uid_root: str | None = Field(
         None, description="organisation UID root for new UIDs (default: pydicom's)"
     )
+    min_free_mb: float = Field(
+        1024,
+        ge=0,
+        description="free space (MB) kept on the file system of home: below it the SCP answers "
+        "C-STOREs with 0xA700 (out of resources; the sender keeps the instance and sends it "
+        "again) and drop-folder files wait where they are, so running jobs, the job store and "
+        "the quarantine keep room; 0 turns the reserve off",
+    )
     scp: ScpSettings = Field(default_factory=ScpSettings)
     watch: list[WatchFolder] = Field(default_factory=list)
     completion: CompletionDefaults = Field(default_factory=CompletionDefaults)

@@ -228,3 +228,21 @@ def test_a_killed_batch_resumes_without_running_a_finished_case_again(tmp_path: 
                 "SELECT attempts, status FROM steps WHERE job_id = ? AND step_id = ?", (job, step)
             ).fetchone()
             assert now == (attempts, "ok"), (job, step)
+
+
+def test_batch_stops_reading_below_the_free_space_reserve(tmp_path: Path) -> None:
+    from rtauto.ingest.spool import free_bytes
+
+    write_ct_series(tmp_path / "cohort" / "a", rows=16, cols=16, slices=3)
+    workflow = tmp_path / "body.yaml"
+    workflow.write_text(WORKFLOW)
+    config = tmp_path / "rtauto.yaml"
+    config.write_text(f"min_free_mb: {free_bytes(tmp_path) / 1e6 + 1e6:.0f}\n")  # beyond the disk
+    out = tmp_path / "out"
+    result = batch(
+        str(workflow), str(tmp_path / "cohort"), "--out", str(out), "--config", str(config)
+    )
+    assert result.returncode == 1
+    assert "rtauto's disk is nearly full" in result.stderr and "it resumes" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((out / ".rtauto" / "quarantine").glob("*.bin"))  # nothing was refused

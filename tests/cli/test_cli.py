@@ -103,6 +103,27 @@ def test_run_refuses_an_invalid_workflow_with_its_line(tmp_path):
     assert f"{workflow}:5:" in result.stderr
 
 
+def test_run_stops_reading_below_the_free_space_reserve(tmp_path):
+    from rtauto.ingest.spool import free_bytes
+
+    write_ct_series(tmp_path / "ct", rows=8, cols=8, slices=2)
+    (tmp_path / "dest").mkdir()
+    workflow = tmp_path / "copy.yaml"
+    workflow.write_text(GOOD % {"dest": tmp_path / "dest"})
+    config = tmp_path / "rtauto.yaml"
+    reserve = free_bytes(tmp_path) / 1e6 + 1e6  # more than there is
+    config.write_text(f"home: {tmp_path / 'home'}\nmin_free_mb: {reserve:.0f}\n")
+    out = tmp_path / "o"
+    result = rtauto(
+        "run", str(workflow), str(tmp_path / "ct"), "--out", str(out), "--config", str(config)
+    )
+    assert result.returncode == 1
+    assert "rtauto's disk is nearly full" in result.stderr and "min_free_mb" in result.stderr
+    assert "were not read" in result.stderr and "Traceback" not in result.stderr
+    assert not any((tmp_path / "home" / "quarantine").iterdir())
+    assert list((tmp_path / "dest").iterdir()) == []  # no job ran on part of the series
+
+
 def test_run_set_changes_a_step_param_and_the_recorded_version(tmp_path):
     write_ct_series(tmp_path / "ct", rows=8, cols=8, slices=2)
     first, second = tmp_path / "first", tmp_path / "second"

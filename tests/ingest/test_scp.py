@@ -185,6 +185,31 @@ def test_bad_inputs_are_quarantined_and_echo_still_answers(
     assert len(spool_files(settings)) == 1
 
 
+def test_below_the_free_space_reserve_c_stores_get_out_of_resources(
+    settings: Settings, store: Store, ct_series: SyntheticSeries, tmp_path: Path
+):
+    from rtauto.ingest.spool import free_bytes
+
+    settings.min_free_mb = free_bytes(settings.home) / 1e6 + 1e6  # more than there is
+    server = StorageSCP(settings, settings.database_url)
+    port = server.start()
+    try:
+        sent = storescu(port, ct_series.files[:3], extra=["-v"], check=False)
+        assert sent.returncode != 0
+        assert "Received Store Response (Refused: OutOfResources)" in sent.stdout + sent.stderr
+        response = send_raw(
+            port, tmp_path, dataset_bytes(ct_series.files[3]), ct_series.sop_instance_uids[3]
+        )
+        assert response.Status == 0xA700
+        assert response.ErrorComment.startswith("rtauto's disk is nearly full")
+        assert echoscu(port)  # the SCP itself keeps answering
+    finally:
+        server.stop()
+    # nothing stored, nothing quarantined: the senders still hold their instances
+    assert spool_files(settings) == [] and reasons(settings) == []
+    assert store.counts()["instances"] == 0
+
+
 def test_calling_ae_titles_are_enforced(
     settings: Settings, store: Store, ct_series: SyntheticSeries
 ):

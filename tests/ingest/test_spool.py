@@ -22,6 +22,8 @@ from rtauto.ingest.spool import (
     STATUS_DUPLICATE_CONFLICT,
     RefusedInstance,
     Spool,
+    SpoolFull,
+    free_bytes,
 )
 from rtauto.store import Store
 from rtauto.testing import SyntheticSeries, wait_until
@@ -445,3 +447,46 @@ def test_an_image_cut_short_before_its_pixel_data_is_refused(
     assert spool_files(settings) == []
     spool.ingest_file(ct_series.files[0])  # the complete file is then stored
     assert len(spool_files(settings)) == 1
+
+
+def _beyond_free_space(settings: Settings) -> float:
+    """A min_free_mb this file system cannot offer (1 TB above what is free now)."""
+    return free_bytes(settings.home) / 1e6 + 1e6
+
+
+def test_below_the_free_space_reserve_nothing_is_stored_or_quarantined(
+    settings: Settings, ct_series: SyntheticSeries
+):
+    settings.min_free_mb = _beyond_free_space(settings)
+    spool = Spool(settings)
+    sop = ct_series.sop_instance_uids[0]
+    sent = dataset_bytes(ct_series.files[0])
+    with pytest.raises(SpoolFull) as full:
+        spool.ingest_file(ct_series.files[0])
+    assert "nearly full" in full.value.reason and "min_free_mb" in full.value.reason
+    assert not isinstance(full.value, IngestError)  # not bad input: nothing was refused
+    # over the network: no file is opened for the data set, and it is not stored
+    assert (
+        spool.begin_encoded(
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            sop_instance_uid=sop,
+            transfer_syntax=EXPLICIT_LE,
+        )
+        is None
+    )
+    with pytest.raises(SpoolFull):
+        _ingest_network(spool, sent, sop)
+    # not even bad input is written (the quarantine would take the reserve's room too)
+    with pytest.raises(SpoolFull):
+        _ingest_network(spool, b"not a data set", sop)
+    assert spool_files(settings) == [] and reasons(settings) == []
+    assert list(settings.incoming_dir.iterdir()) == []
+
+    # with room again, the same instance is stored as usual
+    spool.reserve_bytes = 0
+    record = _ingest_network(spool, sent, sop)
+    assert (settings.spool_dir / record.path).exists()
+    # the reserve counts the incoming data set: just enough free space is not enough
+    spool.reserve_bytes = free_bytes(settings.home) - len(sent) // 2
+    with pytest.raises(SpoolFull):
+        _ingest_network(spool, dataset_bytes(ct_series.files[1]), ct_series.sop_instance_uids[1])

@@ -233,3 +233,25 @@ def test_special_files_and_links_are_refused_without_reading_them(
     for record in found.values():
         assert (settings.quarantine_dir / record["file"]).read_bytes() == b""
     assert len(spool_files(settings)) == 1  # only the regular file
+
+
+def test_files_wait_in_their_folder_while_the_disk_is_below_its_reserve(
+    settings: Settings, store: Store, drop: Path, ct_series: SyntheticSeries, caplog
+):
+    from rtauto.ingest.spool import free_bytes
+
+    caplog.set_level("INFO", logger="rtauto.ingest.watcher")
+    settings.min_free_mb = free_bytes(settings.home) / 1e6 + 1e6  # more than there is
+    target = drop / "slice.dcm"
+    target.write_bytes(ct_series.files[0].read_bytes())
+    with watching(settings, store, drop, settle_seconds=0.1) as watcher:
+        wait_until(lambda: "disk is nearly full" in caplog.text)
+        time.sleep(0.5)
+        # not read, not refused: the file waits where it is
+        assert (watcher.ingested, watcher.refused) == (0, 0)
+        assert spool_files(settings) == [] and reasons(settings) == []
+        assert target.exists()
+        watcher.spool.reserve_bytes = 0  # room again (files deleted elsewhere)
+        wait_until(lambda: watcher.ingested == 1)
+    assert store.has_instance(ct_series.sop_instance_uids[0])
+    assert "drop folders are read again" in caplog.text

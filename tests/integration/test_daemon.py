@@ -373,6 +373,7 @@ def test_dashboard_api_and_metrics(daemon_factory, tmp_path):
     assert 'rtauto_jobs{status="ok"} 1' in metrics
     assert 'rtauto_steps{uses="site.sleep",status="ok"} 1' in metrics
     assert "rtauto_up 1" in metrics
+    assert "rtauto_ingest_paused 0" in metrics
     status = _json.loads(get("/api/status"))
     free = shutil.disk_usage(daemon.home).free
     assert abs(status["home_free_bytes"] - free) < 0.05 * status["home_total_bytes"]

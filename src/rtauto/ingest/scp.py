@@ -55,7 +55,7 @@ from pydicom.dataset import Dataset
 from rtauto.config import ScpTls, Settings
 from rtauto.errors import ConfigError, RtautoError
 from rtauto.ingest.native import DatasetSink, StoreRequest
-from rtauto.ingest.spool import RefusedInstance, Spool, StreamedFile
+from rtauto.ingest.spool import RefusedInstance, Spool, SpoolFull, StreamedFile
 from rtauto.store import InstanceRecord, Store
 
 __all__ = ["StorageSCP", "storage_contexts"]
@@ -237,6 +237,7 @@ class _Receiver:
         self.server: Any = None
         self._index_lock_fd: int | None = None
         self.indexer: _Indexer | None = None  # commits index rows in the background
+        self._full_logged = 0.0  # when a refusal for want of disk space was last logged
 
     def start(self, port: int, reuse_port: bool) -> int:
         self.store = Store(self.store_url)
@@ -404,6 +405,16 @@ class _Receiver:
             self._record(record)
         except RefusedInstance as refused:
             return refused.status, refused.reason
+        except SpoolFull as full:
+            now = time.monotonic()
+            if now - self._full_logged > 60:  # a push would log every image otherwise
+                self._full_logged = now
+                log.error("C-STOREs are refused (0xA700) from %s: %s", calling_ae, full.reason)
+            return STATUS_OUT_OF_RESOURCES, full.reason
+        except OSError as exc:
+            # the disk filled up below the reserve, or failed: the sender keeps the instance
+            log.error("C-STORE of %s from %s failed: %s", sop_instance_uid, calling_ae, exc)
+            return STATUS_OUT_OF_RESOURCES, f"rtauto could not store it: {exc}"
         except Exception as exc:
             log.exception("C-STORE of %s failed", sop_instance_uid)
             return STATUS_OUT_OF_RESOURCES, f"rtauto could not store it: {exc}"

@@ -18,6 +18,10 @@ Refused input is copied into ``settings.quarantine_dir`` as ``<uuid>.bin`` with 
 (reason, source, calling/called AE, time, original name) and :class:`RefusedInstance` (an
 :class:`~rtauto.errors.IngestError`) is raised.
 
+Free space: below ``settings.min_free_mb`` free on the spool's file system, nothing is stored or
+quarantined and :class:`SpoolFull` is raised (the SCP answers 0xA700, a drop-folder file waits),
+so that running jobs, the job store and the quarantine keep room.
+
 Re-sent instances: the same SOP Instance UID with the same data set bytes and transfer syntax
 is accepted again without a second file (idempotent). The same SOP Instance UID with different
 content is refused and quarantined with reason "duplicate SOPInstanceUID with different
@@ -42,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from rtauto.config import Settings
-from rtauto.errors import IngestError
+from rtauto.errors import IngestError, RtautoError
 from rtauto.ingest.header import (
     IMPLEMENTATION_CLASS_UID,
     DatasetLayout,
@@ -64,6 +68,7 @@ __all__ = [
     "STATUS_DATASET_MISMATCH",
     "STATUS_DUPLICATE_CONFLICT",
     "RefusedInstance",
+    "SpoolFull",
     "Spool",
     "StreamedFile",
 ]
@@ -91,6 +96,27 @@ class RefusedInstance(IngestError):
         super().__init__(reason)
         self.status = status
         self.quarantined = quarantined
+
+
+class SpoolFull(RtautoError):
+    """The home file system is below its free-space reserve (``min_free_mb``): the instance
+    was neither stored nor quarantined (it is not bad input), and can be sent, or left in its
+    drop folder, again. Not an :class:`~rtauto.errors.IngestError`: nothing was refused."""
+
+    def __init__(self, free: int, reserve: int):
+        self.free = free
+        self.reserve = reserve
+        self.reason = (
+            f"rtauto's disk is nearly full: {free / 1e6:.0f} MB free, below the"
+            f" {reserve / 1e6:.0f} MB min_free_mb keeps in reserve"
+        )
+        super().__init__(self.reason)
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged process may still write on the file system of ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 class _Invalid(Exception):
@@ -250,6 +276,16 @@ class Spool:
         # unnamed temporary files (Linux O_TMPFILE) are linked into place through /proc
         self._tmpfile_supported = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
         self._prepared: _PreparedFiles | None = None
+        self.reserve_bytes = int(settings.min_free_mb * 1e6)
+
+    def check_space(self, incoming: int = 0) -> None:
+        """Raise :class:`SpoolFull` when storing ``incoming`` more bytes would leave less than
+        the reserve free (one ``statvfs`` call: cheap enough for every instance)."""
+        if self.reserve_bytes <= 0:
+            return
+        free = free_bytes(self.spool_dir)
+        if free - incoming < self.reserve_bytes:
+            raise SpoolFull(free, self.reserve_bytes)
 
     def prepare_files(self, count: int) -> None:
         """Keep ``count`` unnamed files open ahead of need, created by a background thread in
@@ -279,6 +315,10 @@ class Spool:
         if not self._tmpfile_supported:
             return None
         try:
+            self.check_space()
+        except SpoolFull:
+            return None  # refused by ingest_encoded once the data set is in
+        try:
             meta = build_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
         except HeaderError:
             return None
@@ -306,9 +346,11 @@ class Spool:
         the C-STORE request; the data set must carry the same ones. ``streamed``: the file from
         :meth:`begin_encoded` that the data set was fed into as it arrived (closed here).
 
-        Raises :class:`RefusedInstance` after quarantining what was refused.
+        Raises :class:`RefusedInstance` after quarantining what was refused, and
+        :class:`SpoolFull` (nothing stored, nothing quarantined) below the free-space reserve.
         """
         try:
+            self.check_space(len(encoded))
             original = f"C-STORE {sop_instance_uid} from {calling_ae or '?'}"
             try:
                 meta = build_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
@@ -357,14 +399,17 @@ class Spool:
         prefix, little endian) is stored behind a file meta header built by rtauto.
         Only regular files are read (a FIFO or a device is refused without reading it);
         ``follow_symlinks=False`` (drop folders) refuses a symbolic link instead of reading
-        what it points to. Raises :class:`RefusedInstance` after quarantining the file.
+        what it points to. Raises :class:`RefusedInstance` after quarantining the file, and
+        :class:`SpoolFull` (the file is left alone) below the free-space reserve.
         """
         path = Path(path)
         original = str(path)
+        self.check_space()
         try:
             data = _read_regular(path, follow_symlinks)
         except _Invalid as bad:
             raise self._refuse([], bad, source, "", "", original) from None
+        self.check_space(len(data))
         view = memoryview(data)
         try:
             try:

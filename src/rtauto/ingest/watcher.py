@@ -34,7 +34,7 @@ from watchdog.observers import Observer
 
 from rtauto.config import Settings, WatchFolder
 from rtauto.errors import IngestError
-from rtauto.ingest.spool import Spool
+from rtauto.ingest.spool import Spool, SpoolFull
 from rtauto.store import Store
 
 __all__ = ["FolderWatcher"]
@@ -42,7 +42,7 @@ __all__ = ["FolderWatcher"]
 log = logging.getLogger("rtauto.ingest.watcher")
 
 RESCAN_SECONDS = 30.0  # safety net for lost file system events (inotify queue overflow)
-RETRY_SECONDS = 5.0  # after an unexpected error reading a file (permissions, I/O)
+RETRY_SECONDS = 5.0  # after an error reading a file (permissions, I/O) or a full disk
 _IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")
 
 
@@ -97,6 +97,7 @@ class FolderWatcher:
         self._thread: threading.Thread | None = None
         self.ingested = 0  # files stored in the spool (or found there already)
         self.refused = 0  # files quarantined
+        self._full = False  # the disk is below its reserve: files wait in their folders
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -245,10 +246,19 @@ class FolderWatcher:
         assert self.store is not None
         try:
             record = self.spool.ingest_file(path, source="folder", follow_symlinks=False)
+            if self._full:
+                self._full = False
+                log.info("drop folders are read again: the disk has room")
             self.store.record_instance(record)
             self.ingested += 1
             outcome = "ingested"
             log.info("ingested %s as %s", path, record.path)
+        except SpoolFull as full:
+            if not self._full:
+                log.error("drop folders wait: %s", full.reason)
+            self._full = True
+            candidate.not_before = time.monotonic() + RETRY_SECONDS
+            return
         except IngestError as refused:
             self.refused += 1
             outcome = "refused"

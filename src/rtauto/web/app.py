@@ -7,6 +7,7 @@ Endpoints: ``/`` (dashboard page), ``/api/status``, ``/api/jobs``, ``/api/jobs/{
 from __future__ import annotations
 
 import html
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -37,17 +38,24 @@ def _status(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) ->
     try:
         disk = shutil.disk_usage(settings.home)
         free, total = disk.free, disk.total
+        # as the spool measures it (space an unprivileged writer may use)
+        st = os.statvfs(settings.home)
+        available = st.f_bavail * st.f_frsize
     except OSError:
-        free = total = 0
+        free = total = available = 0
+    reserve = int(settings.min_free_mb * 1e6)
     return {
         "version": __version__,
         "instances": instances,
         "jobs": jobs,
         "deliveries": deliveries,
         "quarantined": quarantined,
-        # the spool, jobs and store share the home: when it fills, the SCP refuses instances
+        # the spool, jobs and store share the home: below min_free_mb the SCP refuses
+        # instances (0xA700) and drop-folder files wait, so jobs and the store keep room
         "home_free_bytes": free,
         "home_total_bytes": total,
+        "min_free_bytes": reserve,
+        "ingest_paused": bool(reserve and available < reserve),
         **extra(),
     }
 
@@ -85,6 +93,12 @@ def _metrics(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) -
         "gauge",
         "free space on the file system of rtauto's home (spool, jobs, store)",
         iter([("", status["home_free_bytes"])]),
+    )
+    family(
+        "rtauto_ingest_paused",
+        "gauge",
+        "1 while free space in home is below min_free_mb: C-STOREs are refused, drop folders wait",
+        iter([("", 1 if status["ingest_paused"] else 0)]),
     )
     family(
         "rtauto_quarantined_files",
@@ -257,13 +271,20 @@ def create_app(
         )
         errors = workflow_errors()
         error_html = ""
+        if status["ingest_paused"]:
+            error_html += (
+                "<h2>Ingest paused: the disk is nearly full</h2><p>"
+                f"{_size(status['home_free_bytes'])} free in home, below the "
+                f"{_size(status['min_free_bytes'])} of min_free_mb: C-STOREs are answered "
+                "0xA700 (senders keep their instances) and drop-folder files wait.</p>"
+            )
         if errors:
             items = "".join(
                 f"<li><code>{html.escape(line)}</code></li>"
                 for lines in errors.values()
                 for line in lines
             )
-            error_html = f"<h2>Refused workflow edits</h2><ul>{items}</ul>"
+            error_html += f"<h2>Refused workflow edits</h2><ul>{items}</ul>"
         return PAGE.format(
             version=__version__,
             cards=cards,
