@@ -25,16 +25,19 @@ new model version uses:
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import json
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rtauto.config import Settings
-from rtauto.errors import IngestError
+from rtauto.errors import IngestError, RtautoError
 from rtauto.workflow import LoadedWorkflow
 
 __all__ = ["BatchReport", "Case", "run_batch", "run_folder"]
@@ -53,6 +56,7 @@ class Case:
     files: int = 0
     job_id: str = ""
     resumed: str = ""  # "": new job; "done": finished before; "unfinished": goes on
+    unmatched: str = ""  # why the workflow's trigger does not take this study (then no job)
 
 
 @dataclass
@@ -65,19 +69,28 @@ class BatchReport:
     rows: list[dict[str, Any]]
     refused: list[dict[str, str]]
     seconds: float
+    resources: dict[str, Any] = field(default_factory=dict)  # by step id: models resolved
+    folder: Path | None = None  # the run folder (cases, batch.csv, batch.json)
 
     @property
     def failed(self) -> int:
-        return sum(1 for row in self.rows if row["status"] != "ok")
+        return sum(1 for row in self.rows if row["status"] not in ("ok", "skipped"))
+
+    @property
+    def skipped(self) -> int:
+        """Studies the workflow's trigger does not take (an MR-only study for a CT workflow)."""
+        return sum(1 for row in self.rows if row["status"] == "skipped")
 
     def to_json(self) -> dict[str, Any]:
         return {
             "workflow": self.workflow,
             "workflow_hash": self.workflow_hash,
             "overrides": self.overrides,
+            "resources": self.resources,
             "cases": len(self.rows),
-            "ok": len(self.rows) - self.failed,
+            "ok": len(self.rows) - self.failed - self.skipped,
             "failed": self.failed,
+            "skipped": self.skipped,
             "seconds": round(self.seconds, 2),
             "rows": self.rows,
             "refused_files": self.refused,
@@ -94,6 +107,28 @@ def _case_name(patient_id: str, study_uid: str, taken: set[str]) -> str:
     return name
 
 
+@contextmanager
+def _exclusive(home: Path) -> Iterator[None]:
+    """Hold ``HOME/batch.lock``: one batch at a time in an output folder (two would run every
+    case twice into the same folders)."""
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(home / "batch.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise RtautoError(
+                f"another rtauto batch (pid {holder}) is running with this output folder"
+                f" ({home.parent}); wait for it, or give another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def run_batch(
     settings: Settings,
     host: Any,
@@ -107,11 +142,69 @@ def run_batch(
     on_progress: Callable[[int, int, int], None] | None = None,
 ) -> BatchReport:
     """Run ``loaded`` on every study among ``files``; the report is also written to the run
-    folder (:func:`run_folder`).
+    folder (:func:`run_folder`). Raises :class:`~rtauto.errors.RtautoError` while another
+    batch uses the same output folder.
 
     ``on_ingest(done, total)`` follows the reading of the files, ``on_progress(finished, ok,
     total)`` the cases.
     """
+    resources = step_resources(loaded, host, settings)  # before any case: a bad model stops here
+    with _exclusive(Path(settings.home)):
+        return _run_batch(
+            resources,
+            settings,
+            host,
+            loaded,
+            files,
+            out,
+            overrides=overrides,
+            retry_failed=retry_failed,
+            on_ingest=on_ingest,
+            on_progress=on_progress,
+        )
+
+
+def step_resources(loaded: LoadedWorkflow, host: Any, settings: Settings) -> dict[str, Any]:
+    """What each step of ``loaded`` will use beyond its params (``StepType.resources``: the
+    model ``NAME@latest`` stands for today, with its hashes), by step id. Raises
+    :class:`~rtauto.errors.RtautoError` naming the step when one cannot be resolved."""
+    from rtauto.errors import StepFailed
+
+    found: dict[str, Any] = {}
+    for spec in loaded.workflow.steps:
+        registered = host.steps.get(spec.uses)
+        resolve = registered.step_type.resources if registered is not None else None
+        if resolve is None or spec.id not in loaded.params:
+            continue
+        try:
+            found[spec.id] = dict(resolve(loaded.params[spec.id], settings))
+        except StepFailed as exc:
+            raise RtautoError(f"step {spec.id!r} ({spec.uses}): {exc}") from None
+    return found
+
+
+def run_identity(loaded: LoadedWorkflow, resources: Mapping[str, Any]) -> str:
+    """The identity of a batch run: the workflow version, and the resources its steps resolve
+    (so a new model version behind ``NAME@latest`` is a new run, not "done before")."""
+    if not resources:
+        return loaded.hash
+    text = loaded.hash + json.dumps(resources, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _run_batch(
+    resources: dict[str, Any],
+    settings: Settings,
+    host: Any,
+    loaded: LoadedWorkflow,
+    files: Sequence[Path],
+    out: Path,
+    *,
+    overrides: Sequence[str],
+    retry_failed: bool,
+    on_ingest: Callable[[int, int], None] | None,
+    on_progress: Callable[[int, int, int], None] | None,
+) -> BatchReport:
     from rtauto.engine.engine import Engine
     from rtauto.ingest.assembler import create_job_for
     from rtauto.ingest.spool import Spool, SpoolFull
@@ -149,14 +242,31 @@ def run_batch(
         if on_ingest is not None:
             on_ingest(done, len(files))
 
-    run = run_folder(out, loaded)
-    taken: set[str] = set()
+    identity = run_identity(loaded, resources)
+    run = run_folder(out, identity)
     ordered = sorted(cases.values(), key=lambda c: (c.patient_id, c.study_uid))
+
+    def base_key(case: Case) -> str:
+        # the run (workflow version and resolved models) and the study name the job (hashed:
+        # the key column holds 128); a retry of a failed job is the same key with ":retry:N"
+        return "batch:" + hashlib.sha256(f"{identity}|{case.study_uid}".encode()).hexdigest()
+
+    # a study keeps the case name (and folder) it had in an earlier run of this batch; only
+    # studies new to it are named, around those names
+    taken: set[str] = set()
     for case in ordered:
-        case.name = _case_name(case.patient_id, case.study_uid, taken)
-        # the workflow version and the study name the job (hashed: the key column holds 128);
-        # a retry of a failed job is the same key with ":retry:N"
-        base = "batch:" + hashlib.sha256(f"{loaded.hash}|{case.study_uid}".encode()).hexdigest()
+        first = store.job_by_dedupe_key(base_key(case))
+        if first is not None and first.work_dir:
+            case.name = Path(first.work_dir).name
+            taken.add(case.name)
+    for case in ordered:
+        if not case.name:
+            case.name = _case_name(case.patient_id, case.study_uid, taken)
+    for case in ordered:
+        case.unmatched = _unmatched(loaded, store, case)
+        if case.unmatched:
+            continue  # reported as skipped; not a failure of the workflow
+        base = base_key(case)
         key, work_dir, attempt = base, run / case.name, 0
         previous = store.job_by_dedupe_key(key)
         while previous is not None:
@@ -188,7 +298,7 @@ def run_batch(
         assert job is not None  # the key was free a moment ago and only this batch uses it
         case.job_id = job.id
 
-    job_ids = [case.job_id for case in ordered]
+    job_ids = [case.job_id for case in ordered if case.job_id]
     warm = sorted({s.uses for s in loaded.workflow.steps})
     engine = Engine(settings, store, host, warm=warm)
     try:
@@ -205,7 +315,10 @@ def run_batch(
     finally:
         engine.close()
 
-    rows = [_row(case, job_summary(store, case.job_id)) for case in ordered]
+    rows = [
+        _row(case, job_summary(store, case.job_id)) if case.job_id else _skipped_row(case)
+        for case in ordered
+    ]
     store.close()
     report = BatchReport(
         workflow=loaded.name,
@@ -214,14 +327,69 @@ def run_batch(
         rows=rows,
         refused=refused,
         seconds=time.monotonic() - started,
+        resources=resources,
+        folder=run,
     )
     _write_report(report, run)
     return report
 
 
-def run_folder(out: Path, loaded: LoadedWorkflow) -> Path:
-    """The folder of one workflow version's cases and report under a batch's ``out``."""
-    return out / "runs" / loaded.hash[:12]
+def run_folder(out: Path, identity: str) -> Path:
+    """The folder of one run's cases and report under a batch's ``out`` (``identity``: see
+    :func:`run_identity`)."""
+    return out / "runs" / identity[:12]
+
+
+def _unmatched(loaded: LoadedWorkflow, store: Any, case: Case) -> str:
+    """Why the workflow's trigger would not take the study (its series' modality, ``where``
+    and ``requires``; the source and AE titles do not apply to files), or ""."""
+    from rtauto.workflow.triggers import SeriesFacts, matches_series
+
+    trigger = loaded.workflow.trigger.model_copy(
+        update={"source": "any", "calling_ae": None, "called_ae": None}
+    )
+    facts = []
+    for uid in case.series:
+        row = store.get_series(uid)
+        if row is not None:
+            facts.append(SeriesFacts(uid, case.study_uid, row.modality or "", row.attributes or {}))
+    if not any(matches_series(trigger, f) for f in facts):
+        held = ", ".join(sorted({f.modality or "?" for f in facts})) or "nothing"
+        return f"no series matches the workflow's trigger (the study holds {held})"
+    missing = [
+        selector.describe()
+        for selector in trigger.requires
+        if not any(selector.matches(f.modality, f.attributes) for f in facts)
+    ]
+    if missing:
+        return "the workflow's trigger requires series the study lacks: " + "; ".join(missing)
+    return ""
+
+
+def _case_columns(case: Case) -> dict[str, Any]:
+    return {
+        "case": case.name,
+        "patient_id": case.patient_id,
+        "study_instance_uid": case.study_uid,
+        "series": len(case.series),
+        "files": case.files,
+    }
+
+
+def _skipped_row(case: Case) -> dict[str, Any]:
+    return {
+        **_case_columns(case),
+        "job": "",
+        "status": "skipped",
+        "resumed": "",
+        "failed_step": "",
+        "error": case.unmatched,
+        "seconds": None,
+        "steps": {},
+        "outputs": "",
+        "step_outputs": {},
+        "artifacts": [],
+    }
 
 
 def _row(case: Case, summary: dict[str, Any]) -> dict[str, Any]:
@@ -232,11 +400,7 @@ def _row(case: Case, summary: dict[str, Any]) -> dict[str, Any]:
         else None
     )
     return {
-        "case": case.name,
-        "patient_id": case.patient_id,
-        "study_instance_uid": case.study_uid,
-        "series": len(case.series),
-        "files": case.files,
+        **_case_columns(case),
         "job": summary["job"],
         "status": summary["status"],
         "resumed": case.resumed,
@@ -267,6 +431,10 @@ def _write_report(report: BatchReport, out: Path) -> None:
         for row in report.rows
     ]
     metric_columns = sorted({column for found in metrics for column in found})
+    # what ran, on every row, so that rows of two runs (two model versions) can be pooled
+    run_columns = {"workflow_hash": report.workflow_hash}
+    for step, resolved in sorted(report.resources.items()):
+        run_columns.update({f"{step}:{key}": value for key, value in sorted(resolved.items())})
     columns = [
         "case",
         "patient_id",
@@ -281,6 +449,7 @@ def _write_report(report: BatchReport, out: Path) -> None:
         *metric_columns,
         "outputs",
         "job",
+        *run_columns,
     ]
     with (out / "batch.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, restval="")
@@ -288,4 +457,4 @@ def _write_report(report: BatchReport, out: Path) -> None:
         for row, found in zip(report.rows, metrics, strict=True):
             values = {k: row[k] for k in columns if k in row}
             values.update((f"step:{s}", row["steps"].get(s, "")) for s in step_ids)
-            writer.writerow({**values, **found})
+            writer.writerow({**values, **found, **run_columns})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import uuid
@@ -67,10 +68,25 @@ def _logging(level: str) -> None:
     )
 
 
-def _host(settings: Settings | None = None) -> Any:
+def _host(settings: Settings | None = None, *, report: bool = True) -> Any:
+    """The plugin host. The commands say which plugins failed themselves (``report``: one
+    warning line each on stderr), so the plugin manager's own log lines are held back."""
     from rtauto.hooks import build_plugin_manager
+    from rtauto.hooks.manager import failure_summary
 
-    return build_plugin_manager(settings)
+    plugins_log = logging.getLogger("rtauto.plugins")
+    muted = logging.NullHandler()
+    propagate, plugins_log.propagate = plugins_log.propagate, False
+    plugins_log.addHandler(muted)
+    try:
+        host = build_plugin_manager(settings)
+    finally:
+        plugins_log.removeHandler(muted)
+        plugins_log.propagate = propagate
+    if report:
+        for name, reason in host.failures.items():
+            typer.echo(f"warning: plugin {name} is disabled: {failure_summary(reason)}", err=True)
+    return host
 
 
 def _store(settings: Settings, migrate: bool = True, *, existing: bool = False) -> Any:
@@ -143,14 +159,32 @@ def serve(
 # --------------------------------------------------------------------------------------------
 
 
-def _collect_files(inputs: list[Path], command: str = "run") -> list[Path]:
-    """The files given and those under the folders given (hidden ones left out)."""
+def _collect_files(
+    inputs: list[Path], command: str = "run", exclude: Path | None = None
+) -> list[Path]:
+    """The files given and those under the folders given, symbolic links to folders followed
+    (each folder read once). Hidden files and folders (``.rtauto``, ``.attempts``) are left
+    out, and so is ``exclude`` (the output folder, when it lies inside an input folder: a
+    run never reads its own results back as input)."""
+    skip = exclude.resolve() if exclude is not None else None
     files: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            files += sorted(
-                p for p in item.rglob("*") if p.is_file() and not p.name.startswith(".")
-            )
+            found: list[Path] = []
+            seen: set[Path] = set()
+            for folder, dirs, names in os.walk(item, followlinks=True):
+                real = Path(folder).resolve()
+                if real in seen or real == skip:
+                    dirs[:] = []
+                    continue
+                seen.add(real)
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                found += [
+                    Path(folder, n)
+                    for n in names
+                    if not n.startswith(".") and Path(folder, n).is_file()
+                ]
+            files += sorted(found)
         elif item.is_file():
             files.append(item)
         else:
@@ -217,7 +251,7 @@ def run(
     series: list[str] = []
     study_uid = None
     refused = 0
-    for path in _collect_files(inputs):
+    for path in _collect_files(inputs, exclude=out):
         try:
             record = spool.ingest_file(path, source="run")
         except SpoolFull as full:
@@ -282,7 +316,12 @@ def _without_daemon(
     from rtauto.uids import set_uid_root
 
     settings = _settings(config, home)
-    update: dict[str, Any] = {"scp": settings.scp.model_copy(update={"enabled": False})}
+    if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        _die(f"--log-level {log_level}: one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    update: dict[str, Any] = {
+        "scp": settings.scp.model_copy(update={"enabled": False}),
+        "log_level": log_level.upper(),  # the worker processes' console too
+    }
     if own_store:
         update["store_url"] = None
     if workers is not None:
@@ -292,12 +331,7 @@ def _without_daemon(
     settings = settings.model_copy(update=update)
     _logging(log_level)
     set_uid_root(settings.uid_root)
-    host = _host(settings)
-    for name, reason in host.failures.items():
-        typer.echo(
-            f"warning: plugin {name} is disabled: {reason.strip().splitlines()[-1]}", err=True
-        )
-    return settings, host
+    return settings, _host(settings)
 
 
 def _load_workflow(
@@ -340,7 +374,7 @@ def batch(
     OUT/runs/<workflow hash>/batch.csv and batch.json. Exits 1 when a case failed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from rtauto.batch import run_batch, run_folder
+    from rtauto.batch import run_batch
     from rtauto.ingest.spool import SpoolFull
 
     out = out.resolve()
@@ -365,25 +399,29 @@ def batch(
         reading = progress.add_task("reading files", total=None, note="")
         cases = progress.add_task("cases", total=None, note="", visible=False)
 
+        # not a terminal (a log file, a CI job): bars are not drawn, so say each step in a line
+        plain = not as_json and not progress.console.is_terminal
+        said = {"finished": -1}
+
         def on_ingest(done: int, total: int) -> None:
             progress.update(reading, completed=done, total=total)
+            if plain and done == total:
+                typer.echo(f"read {total} file(s)", err=True)
 
         def on_progress(finished: int, ok: int, total: int) -> None:
             failed = finished - ok
-            progress.update(
-                cases,
-                completed=finished,
-                total=total,
-                visible=True,
-                note=f"{ok} ok, {failed} failed" if failed else f"{ok} ok",
-            )
+            note = f"{ok} ok, {failed} failed" if failed else f"{ok} ok"
+            progress.update(cases, completed=finished, total=total, visible=True, note=note)
+            if plain and finished != said["finished"]:
+                said["finished"] = finished
+                typer.echo(f"cases: {finished} of {total} finished ({note})", err=True)
 
         try:
             report = run_batch(
                 settings,
                 host,
                 loaded,
-                _collect_files(cohort, "batch"),
+                _collect_files(cohort, "batch", exclude=out),
                 out,
                 overrides=overrides or [],
                 retry_failed=retry_failed,
@@ -393,18 +431,30 @@ def batch(
         except SpoolFull as full:
             progress.stop()
             _die(f"rtauto batch: {full.reason}; run it again when there is room (it resumes)", 1)
+        except RtautoError as exc:
+            progress.stop()
+            _die(f"rtauto batch: {exc}", 1)
+        except KeyboardInterrupt:
+            progress.stop()
+            _die(
+                "rtauto batch: interrupted; the same command resumes it (finished cases and "
+                "steps are kept, unfinished steps run again)",
+                130,
+            )
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2, default=str))
     else:
         for row in report.rows:
-            why = f"  {row['failed_step']}: {row['error']}" if row["status"] != "ok" else ""
+            step = f"{row['failed_step']}: " if row["failed_step"] else ""
+            why = f"  {step}{row['error']}" if row["status"] != "ok" else ""
             note = " (done before)" if row["resumed"] == "done" else ""
             typer.echo(f"  {row['case']:<28} {row['status'].upper():<5}{note}{why}")
         for item in report.refused:
             typer.echo(f"  refused {item['file']}: {item['reason']} (quarantined)")
         typer.echo(
-            f"{len(report.rows) - report.failed} of {len(report.rows)} cases ok in "
-            f"{report.seconds:.0f} s; report: {run_folder(out, loaded) / 'batch.csv'} (and .json)"
+            f"{len(report.rows) - report.failed - report.skipped} of {len(report.rows)} cases ok"
+            + (f" ({report.skipped} skipped: not for this workflow)" if report.skipped else "")
+            + f" in {report.seconds:.0f} s; report: {report.folder / 'batch.csv'} (and .json)"
         )
     if not report.rows:
         _die("rtauto batch: no DICOM study could be read from the cohort")
@@ -463,9 +513,10 @@ def schema(
 
 @app.command()
 def plugins(config: ConfigOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """List loaded plugins, their steps and destination types, and plugins that failed."""
+    """List loaded plugins, their steps and destination types, and plugins that failed (with
+    the reasons). Exits 1 when a plugin failed to load."""
     settings = _settings(config, home)
-    host = _host(settings)
+    host = _host(settings, report=False)
     data = {
         "plugins": [
             {
@@ -492,7 +543,7 @@ def plugins(config: ConfigOpt = None, home: HomeOpt = None, as_json: JsonOpt = F
     }
     if as_json:
         typer.echo(json.dumps(data, indent=2))
-        return
+        raise typer.Exit(1 if host.failures else 0)
     for p in data["plugins"]:
         kind = "built-in" if p["builtin"] else p["distribution"]
         typer.echo(f"{p['name']} {p['version']} ({kind})")
@@ -504,6 +555,7 @@ def plugins(config: ConfigOpt = None, home: HomeOpt = None, as_json: JsonOpt = F
         typer.echo("model backends: " + ", ".join(data["model_backends"]))
     for name, reason in data["failures"].items():
         typer.echo(f"FAILED {name}: {reason.strip()}", err=True)
+    raise typer.Exit(1 if host.failures else 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,7 +633,7 @@ CORE_COMMANDS = frozenset({"serve", "run", "validate", "schema", "plugins", "job
 
 def add_plugin_commands(target: typer.Typer, host: Any = None) -> list[str]:
     """Let plugins add their commands (``rtauto_add_commands``); returns failure messages."""
-    host = host or _host()
+    host = host or _host(report=False)  # the command itself reports failed plugins
     failures = []
     for impl in host.pm.hook.rtauto_add_commands.get_hookimpls():
         try:

@@ -5,7 +5,6 @@ tree. ``rtauto serve`` runs it until SIGTERM or SIGINT.
 from __future__ import annotations
 
 import fcntl
-import importlib
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from rtauto.config import Settings
 from rtauto.engine.engine import Engine
 from rtauto.errors import RtautoError
 from rtauto.hooks import PluginHost, build_plugin_manager
-from rtauto.hooks.manager import plugin_fingerprint
+from rtauto.hooks.manager import failure_summary, forget_plugin_modules, plugin_fingerprint
 from rtauto.ingest.assembler import Assembler
 from rtauto.store import Store
 from rtauto.uids import set_uid_root
@@ -93,7 +92,7 @@ class Daemon:
         settings = self.settings
         set_uid_root(settings.uid_root)
         for name, reason in self.host.failures.items():
-            log.error("plugin %s is disabled: %s", name, reason.strip().splitlines()[-1])
+            log.error("plugin %s is disabled: %s", name, failure_summary(reason))
         self.store = Store(settings.database_url, migrate=True)
         recovered = Spool(settings).reconcile(self.store)
         if recovered:
@@ -218,13 +217,15 @@ class Daemon:
         fingerprint = plugin_fingerprint(self.settings.plugin_modules.values())
         if fingerprint == self._plugin_fingerprint:
             return
-        importlib.invalidate_caches()
+        # a fresh import of every plugin package: the upgraded code, its new step types and
+        # observers, or the error of a broken upgrade (reported below), never the old module
+        forget_plugin_modules(self.settings.plugin_modules.values())
         host = build_plugin_manager(self.settings)
         self._plugin_fingerprint = fingerprint
         self.host = self.engine.host = self.assembler.host = host
         log.info("installed plugins changed: %d step types now available", len(host.steps))
         for name, reason in host.failures.items():
-            log.error("plugin %s is disabled: %s", name, reason.strip().splitlines()[-1])
+            log.error("plugin %s is disabled: %s", name, failure_summary(reason))
 
     def tick(self) -> None:
         now = time.time()

@@ -29,6 +29,11 @@ Outcome rules (the engine applies them):
 * any other exception ends the step FAIL with the traceback recorded;
 * running past the step's ``timeout`` kills the worker process and ends the step FAIL.
 
+Outputs are what later steps and ``if:`` conditions read, and what the job store keeps: numbers,
+strings, booleans, None, and lists and mappings of them. NumPy scalars and arrays (and tensors)
+become numbers and lists, tuples and sets lists, paths strings, dates ISO 8601 text; any other
+object fails the step with the name of the output.
+
 A step runs in a worker process, never in the daemon. It must be idempotent: after a crash the
 engine may run an unfinished step again, in a fresh ``workdir``.
 """
@@ -77,6 +82,11 @@ class StepType:
     ``outputs`` documents the keys of ``StepResult.outputs`` a workflow's ``if:`` may read.
     ``warmup()`` is called once when a worker process starts, so the first job does not pay
     for loading heavy libraries.
+    ``resources(params, settings)`` names what the step will use beyond its params, resolved
+    now: ``{"model": "demo-thorax@2", "model_card_sha256": "..."}`` for ``NAME@latest``. It
+    raises :class:`StepFailed` when one cannot be resolved. ``rtauto batch`` calls it before
+    the first case (a wrong model name stops the batch at once instead of failing every case)
+    and makes the answer part of the run's identity, so a new model version is a new run.
     """
 
     name: str
@@ -85,6 +95,7 @@ class StepType:
     description: str = ""
     outputs: Mapping[str, str] = field(default_factory=dict)
     warmup: Callable[[], None] | None = None
+    resources: Callable[[Any, Any], Mapping[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -259,10 +270,18 @@ class StepContext:
         description: str = "",
         provenance: Mapping[str, Any] | None = None,
     ) -> Artifact:
-        """Record a file this step wrote (inside ``workdir``) as an artifact of the job."""
+        """Record a file this step wrote (inside ``workdir``) as an artifact of the job.
+
+        Raises ValueError for a file that does not exist or lies outside ``workdir``: an
+        artifact is delivered and kept with the job, and a step run again after a crash gets
+        a fresh ``workdir``, so a file elsewhere could be another job's, or gone."""
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"artifact {path} does not exist")
+        if not path.resolve().is_relative_to(Path(self.workdir).resolve()):
+            raise ValueError(
+                f"artifact {path} is outside the step's workdir {self.workdir}: write it there"
+            )
         merged = self.provenance.to_json()
         merged.update(provenance or {})
         artifact = Artifact(

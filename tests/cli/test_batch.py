@@ -159,28 +159,37 @@ def test_batch_runs_reports_resumes_retries_and_reruns_with_an_override(
     assert refused.returncode == 2 and "no step 'nope'" in refused.stderr
 
 
-def test_a_killed_batch_resumes_without_running_a_finished_case_again(tmp_path: Path) -> None:
-    """kill -9 of the batch while a case runs: the same command finishes the cohort, each
-    case with the job it had (the finished ones are not run again), none twice."""
+def _slow_batch(tmp_path: Path, steps: str, cases: int) -> tuple[list[str], dict, Path]:
+    """The command line, environment and output folder of a batch of the test site plugin's
+    sleeping steps (``steps``: the workflow's step list) over ``cases`` small CT studies."""
     site = Path(__file__).parents[1] / "integration" / "site_plugins"
     config = tmp_path / "rtauto.yaml"
     config.write_text("plugin_modules: {site: rtauto_site_steps}\n")
     workflow = tmp_path / "slow.yaml"
-    workflow.write_text(
-        "name: slow\ntrigger: {modality: CT}\nsteps:\n"
-        "  - id: first\n    uses: site.sleep\n    with: {seconds: 0.1}\n"
-        "  - id: wait\n    uses: site.sleep\n    needs: [first]\n    with: {seconds: 3}\n"
-    )
+    workflow.write_text("name: slow\ntrigger: {modality: CT}\nsteps:\n" + steps)
     cohort = tmp_path / "cohort"
-    for n in range(3):
+    for n in range(cases):
         write_ct_series(cohort / f"p{n}", rows=8, cols=8, slices=2, patient_id=f"SLOW-{n}")
     out = tmp_path / "out"
     args = [sys.executable, "-m", "rtauto.cli", "batch", str(workflow), str(cohort)]
-    args += ["--out", str(out), "--jobs", "1", "--config", str(config), "--json"]
+    args += ["--out", str(out), "--config", str(config)]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
     }
+    return args, env, out
+
+
+def test_a_killed_batch_resumes_without_running_a_finished_case_again(tmp_path: Path) -> None:
+    """kill -9 of the batch while a case runs: the same command finishes the cohort, each
+    case with the job it had (the finished ones are not run again), none twice."""
+    args, env, out = _slow_batch(
+        tmp_path,
+        "  - id: first\n    uses: site.sleep\n    with: {seconds: 0.1}\n"
+        "  - id: wait\n    uses: site.sleep\n    needs: [first]\n    with: {seconds: 3}\n",
+        cases=3,
+    )
+    args += ["--jobs", "1", "--json"]
     process = subprocess.Popen(
         args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -246,3 +255,192 @@ def test_batch_stops_reading_below_the_free_space_reserve(tmp_path: Path) -> Non
     assert "rtauto's disk is nearly full" in result.stderr and "it resumes" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list((out / ".rtauto" / "quarantine").glob("*.bin"))  # nothing was refused
+
+
+BODY_ONLY = """\
+name: cohort-body-only
+trigger: {modality: CT}
+steps:
+  - id: body
+    uses: autocontour.threshold
+    with: {structures: [BODY]}
+"""
+
+
+def test_the_output_folder_and_hidden_folders_are_never_read_back_as_input(
+    tmp_path: Path,
+) -> None:
+    cohort = tmp_path / "cohort"
+    write_ct_series(cohort / "a", rows=24, cols=24, slices=4, patient_id="HYG-A")
+    # a case folder that is a symbolic link (a cohort assembled from several places)
+    write_ct_series(tmp_path / "elsewhere" / "b", rows=24, cols=24, slices=4, patient_id="HYG-B")
+    (cohort / "b").symlink_to(tmp_path / "elsewhere" / "b", target_is_directory=True)
+    (cohort / "loop").symlink_to(cohort, target_is_directory=True)  # read once, not forever
+    workflow = tmp_path / "body.yaml"
+    workflow.write_text(BODY_ONLY)
+    out = cohort / "results"  # inside the cohort
+    for _ in range(2):  # the second run finds the first one's results inside the cohort
+        result = batch(str(workflow), str(cohort), "--out", str(out), "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert sorted(r["patient_id"] for r in report["rows"]) == ["HYG-A", "HYG-B"]
+        assert all(r["series"] == 1 and r["files"] == 4 for r in report["rows"])
+        assert report["refused_files"] == []  # not the store, the CSV or step.log
+    assert not list((out / ".rtauto" / "quarantine").glob("*.bin"))
+
+
+def test_a_second_batch_on_the_same_output_folder_is_refused(tmp_path: Path) -> None:
+    import fcntl
+
+    write_ct_series(tmp_path / "cohort" / "a", rows=16, cols=16, slices=3)
+    workflow = tmp_path / "body.yaml"
+    workflow.write_text(BODY_ONLY)
+    out = tmp_path / "out"
+    (out / ".rtauto").mkdir(parents=True)
+    with open(out / ".rtauto" / "batch.lock", "w") as held:  # a batch running there
+        held.write("4242")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        refused = batch(str(workflow), str(tmp_path / "cohort"), "--out", str(out))
+    assert refused.returncode == 1
+    assert "another rtauto batch (pid 4242) is running with this output folder" in refused.stderr
+    assert not (out / "runs").exists()
+    assert batch(str(workflow), str(tmp_path / "cohort"), "--out", str(out)).returncode == 0
+
+
+def test_a_study_keeps_its_case_name_when_the_cohort_grows(tmp_path: Path) -> None:
+    workflow = tmp_path / "body.yaml"
+    workflow.write_text(BODY_ONLY)
+    cohort, out = tmp_path / "cohort", tmp_path / "out"
+
+    def add(study_uid: str) -> None:
+        write_ct_series(
+            cohort / study_uid,
+            rows=16,
+            cols=16,
+            slices=3,
+            patient_id="P",
+            study_instance_uid=study_uid,
+        )
+
+    def cases() -> dict[str, str]:
+        result = batch(str(workflow), str(cohort), "--out", str(out), "--json")
+        assert result.returncode == 0, result.stderr
+        return {r["study_instance_uid"]: r["case"] for r in json.loads(result.stdout)["rows"]}
+
+    add("1.2.826.0.1.3680043.10.7777.1.1")
+    add("1.2.826.0.1.3680043.10.7777.2.1")  # the same last digits: named apart by order
+    before = cases()
+    assert sorted(before.values()) == ["P_1", "P_1-2"]
+    add("1.2.826.0.1.3680043.10.7777.0.1")  # sorts first, and would have taken "P_1"
+    after = cases()
+    assert {uid: after[uid] for uid in before} == before
+    assert after["1.2.826.0.1.3680043.10.7777.0.1"] == "P_1-3"
+
+
+SEGMENT = """\
+name: cohort-model
+trigger: {modality: CT}
+steps:
+  - id: contour
+    uses: autocontour.segment
+    with: {model: demo-thorax@latest, structures: [SpinalCord]}
+"""
+
+
+def test_a_new_model_version_is_a_new_run_and_a_missing_model_stops_the_batch(
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    shipped = Path(__file__).resolve().parents[2] / "models" / "demo-thorax" / "1"
+    models = tmp_path / "models"
+    shutil.copytree(shipped, models / "demo-thorax" / "1")
+    write_ct_series(tmp_path / "cohort" / "a", rows=32, cols=32, slices=8, patient_id="M")
+    workflow = tmp_path / "contour.yaml"
+    workflow.write_text(SEGMENT)
+    out = tmp_path / "out"
+    args = [str(workflow), str(tmp_path / "cohort"), "--out", str(out), "--models", str(models)]
+
+    first = json.loads(batch(*args, "--json").stdout)
+    assert first["resources"]["contour"]["model"] == "demo-thorax@1"
+    # version 2 dropped in: demo-thorax@latest now means it, so this is a new run
+    card = yaml.safe_load((models / "demo-thorax" / "1" / "model.yaml").read_text())
+    (models / "demo-thorax" / "2").mkdir()
+    shutil.copy(models / "demo-thorax" / "1" / "model.onnx", models / "demo-thorax" / "2")
+    card["version"] = "2"
+    (models / "demo-thorax" / "2" / "model.yaml").write_text(yaml.safe_dump(card))
+    second = json.loads(batch(*args, "--json").stdout)
+    assert second["resources"]["contour"]["model"] == "demo-thorax@2"
+    assert [r["resumed"] for r in second["rows"]] == [""]  # ran, not "done before"
+    assert second["rows"][0]["job"] != first["rows"][0]["job"]
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(runs) == 2
+    with (out / "runs" / runs[0] / "batch.csv").open() as handle:
+        [row] = list(csv.DictReader(handle))
+    assert row["contour:model"] in ("demo-thorax@1", "demo-thorax@2")
+    assert len(row["contour:model_card_sha256"]) == 64
+
+    # a model that is not there stops the batch before any case runs
+    missing = batch(*args[:-2], "--models", str(tmp_path / "nowhere"), "--json")
+    assert missing.returncode == 1
+    assert "step 'contour' (autocontour.segment): model demo-thorax@latest" in missing.stderr
+    assert "that folder does not exist" in missing.stderr
+    assert len(list((out / "runs").iterdir())) == 2
+
+
+def test_a_study_the_trigger_does_not_take_is_skipped_not_failed(tmp_path: Path) -> None:
+    cohort = tmp_path / "cohort"
+    write_ct_series(cohort / "ct", rows=16, cols=16, slices=3, patient_id="TRIG-CT")
+    mr = write_ct_series(cohort / "mr", rows=16, cols=16, slices=3, patient_id="TRIG-MR")
+    for path in mr.files:  # an MR-only study
+        ds = pydicom.dcmread(path)
+        ds.Modality = "MR"
+        ds.save_as(path)
+    workflow = tmp_path / "body.yaml"
+    workflow.write_text(BODY_ONLY)
+    result = batch(str(workflow), str(cohort), "--out", str(tmp_path / "out"), "--json")
+    assert result.returncode == 0, result.stderr  # nothing failed
+    report = json.loads(result.stdout)
+    rows = {r["patient_id"]: r for r in report["rows"]}
+    assert rows["TRIG-CT"]["status"] == "ok"
+    assert rows["TRIG-MR"]["status"] == "skipped" and rows["TRIG-MR"]["job"] == ""
+    assert (
+        "no series matches the workflow's trigger (the study holds MR)" in rows["TRIG-MR"]["error"]
+    )
+    assert (report["ok"], report["failed"], report["skipped"]) == (1, 0, 1)
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
+    args, env, out = _slow_batch(
+        tmp_path, "  - id: wait\n    uses: site.sleep\n    with: {seconds: 30}\n", cases=1
+    )
+    process = subprocess.Popen(
+        args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    store_path = out / ".rtauto" / "rtauto.db"
+
+    def running() -> bool:
+        try:
+            with sqlite3.connect(store_path) as db:
+                return bool(db.execute("SELECT 1 FROM jobs WHERE status = 'running'").fetchall())
+        except sqlite3.OperationalError:
+            return False
+
+    try:
+        deadline = time.monotonic() + 300
+        while not (store_path.exists() and running()) and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)  # Ctrl-C (its workers ignore SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130
+    assert "interrupted; the same command resumes it" in err and "Traceback" not in err

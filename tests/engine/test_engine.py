@@ -76,8 +76,26 @@ def emit(ctx, params):
                                "instances": len(ctx.study.files)})
 
 
+def measure(ctx, params):
+    import numpy as np
+
+    if params.value == "object":
+        return {"mask": object()}
+    mean = np.float32(1.5)
+    return {"mean_hu": mean, "n": np.int64(3), "ok": np.bool_(True), "shift": np.array([0.5, -1.0]),
+            "rois": {"Lung_L", "Cord"}, "where": Path("/data/x"), "pair": (1, 2)}
+
+
+def outside(ctx, params):
+    stray = ctx.job_dir / "stray.txt"  # not in the step's workdir
+    stray.write_text("x")
+    ctx.add_artifact(stray, kind="report-txt")
+
+
 @hookimpl
 def rtauto_register_steps(register):
+    register(StepType(name="t.outside", params=P, run=outside))
+    register(StepType(name="t.measure", params=P, run=measure))
     register(StepType(name="t.flaky", params=P, run=flaky))
     register(StepType(name="t.bad", params=P, run=bad_data))
     register(StepType(name="t.sleep", params=P, run=sleepy))
@@ -225,6 +243,61 @@ def test_timeout_kills_the_worker_and_fails_or_retries(env):
     assert "timed out after 1 s" in steps["hang"].error
     assert (steps["hang_retry"].status, steps["hang_retry"].attempts) == ("fail", 2)
     assert steps["after"].status == "ok"  # the pool replaced the killed workers
+    # the killed worker sent nothing back; the plugin that ran the step is still on record
+    assert steps["hang"].plugin == "t" and steps["hang"].plugin_version != ""
+    assert steps["hang_retry"].plugin == "t"
+
+
+def test_numpy_and_other_outputs_reach_conditions_as_numbers_and_lists(env):
+    job = env.job(
+        """
+        name: outputs
+        trigger: {modality: CT}
+        steps:
+          - id: m
+            uses: t.measure
+          - id: above
+            uses: t.emit
+            needs: [m]
+            if: "steps.m.outputs.mean_hu > 1.0 and steps.m.outputs.n == 3 and steps.m.outputs.ok"
+          - id: below
+            uses: t.emit
+            needs: [m]
+            if: "steps.m.outputs.mean_hu < 1.0"
+          - id: shifted
+            uses: t.emit
+            needs: [m]
+            if: "steps.m.outputs.shift[1] == -1.0 and 'Cord' in steps.m.outputs.rois"
+          - id: unstorable
+            uses: t.measure
+            with: {value: object}
+          - id: stray
+            uses: t.outside
+        """
+    )
+    env.engine().run_until_done([job.id])
+    steps = steps_of(env, job.id)
+    assert steps["m"].outputs == {
+        "mean_hu": 1.5,
+        "n": 3,
+        "ok": True,
+        "shift": [0.5, -1.0],
+        "rois": ["Cord", "Lung_L"],
+        "where": "/data/x",
+        "pair": [1, 2],
+    }
+    assert (steps["above"].status, steps["below"].status, steps["shifted"].status) == (
+        "ok",
+        "skipped",
+        "ok",
+    )
+    # an output no workflow could read fails its step, naming it, instead of becoming text
+    assert steps["unstorable"].status == "fail"
+    error = steps["unstorable"].error
+    assert "output 'mask' is of type object, which a workflow cannot read" in error
+    # an artifact outside the step's workdir is refused (a re-run gets a fresh workdir)
+    assert steps["stray"].status == "fail"
+    assert "stray.txt is outside the step's workdir" in steps["stray"].error
 
 
 def test_needs_and_conditions(env):

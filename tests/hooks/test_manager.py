@@ -33,6 +33,11 @@ def build(**plugins: object):
     return build_plugin_manager(autoload=False, extra_plugins=plugins)
 
 
+def test_a_step_named_after_its_own_plugin_or_an_unknown_prefix_registers():
+    host = build(mine=steps_plugin("mine.count", "vendorx.check"))
+    assert {"mine.count", "vendorx.check"} <= set(host.steps) and not host.failures
+
+
 # --------------------------------------------------------------------------------------------
 # hook names
 # --------------------------------------------------------------------------------------------
@@ -214,6 +219,9 @@ def test_duplicate_destination_types_and_backends_are_rejected():
     [
         ("not a step type", "not a StepType"),
         (StepType(name="bad.params", run=ok_step, params=dict), "must be a pydantic model"),
+        (StepType(name="Bad Name!", run=ok_step), "a step name is PLUGIN.VERB"),
+        (StepType(name="nodot", run=ok_step), "a step name is PLUGIN.VERB"),
+        (StepType(name="route.folder2", run=ok_step), "under plugin route's name"),
     ],
 )
 def test_register_refuses_what_is_not_a_valid_step_type(registered, message):

@@ -104,6 +104,18 @@ def test_step_compares_a_previous_steps_rtstruct_with_the_reference(
     from_seg = run_compare(seg_ctx, CompareParams(match={"BODY": "External"}))
     assert from_seg.outputs["structures"]["BODY"] == body
 
+    # two steps (two model versions) that both wrote BODY: each is compared, as STEP/BODY
+    both = {**previous, **as_seg}
+    two_ctx = make_context(
+        [*series.files, reference], step_type="autocontour.compare", name="two", previous=both
+    )
+    two = run_compare(two_ctx, CompareParams(match={"BODY": "External"}))
+    assert set(two.outputs["structures"]) == {"body/BODY", "seg/BODY"}
+    assert two.outputs["structures"]["body/BODY"] == body
+    assert two.outputs["structures"]["seg/BODY"] == body
+    assert two.outputs["metrics"]["seg/BODY.dice"] == body["dice"]
+    assert two.outputs["unmatched"] == ["Extra"]  # only one step wrote it: its own name
+
     nothing = make_context(
         series.files, step_type="autocontour.compare", name="none", previous=previous
     )

@@ -87,6 +87,30 @@ def test_invalid_cards_are_refused_with_a_reason(tmp_path: Path, changes, reason
         registry.resolve("demo-thorax@1")
 
 
+def test_latest_is_not_an_older_version_when_the_newest_card_is_refused(tmp_path: Path) -> None:
+    _copy_model(tmp_path, "1")
+    _copy_model(tmp_path, "2", normalisation={"kind": "window"})  # a typo: refused
+    registry = ModelRegistry(tmp_path)
+    with pytest.raises(
+        ModelError,
+        match=r"model demo-thorax@latest: the newest version, demo-thorax@2, is refused "
+        r"\(.*normalisation.*\); mend its card, or name the version to use \(demo-thorax@1\)",
+    ):
+        registry.resolve("demo-thorax@latest")
+    assert registry.resolve("demo-thorax@1").ref == "demo-thorax@1"  # named: still usable
+    # an older refused card does not stand in the way of the latest valid one
+    _copy_model(tmp_path, "3")
+    assert registry.resolve("demo-thorax@latest").ref == "demo-thorax@3"
+
+
+def test_a_card_that_is_not_yaml_names_its_file_and_line(tmp_path: Path) -> None:
+    folder = _copy_model(tmp_path, "1")
+    (folder / "model.yaml").write_text("name: demo-thorax\nversion: '1'\nlabels: [1, 2\n")
+    [(path, message)] = ModelRegistry(tmp_path).problems().items()
+    assert message.startswith(f"{folder / 'model.yaml'}:4:1: not valid YAML: ")
+    assert "byte string" not in message
+
+
 def test_unknown_model_names_what_is_known(tmp_path: Path) -> None:
     _copy_model(tmp_path, "1")
     with pytest.raises(ModelError, match=r"model heart@1 is not in .*known: \['demo-thorax@1'\]"):

@@ -334,6 +334,13 @@ class Engine:
         if status != "ok":
             status = "fail"
             log.warning("step %s of job %s failed: %s", step_id, job.id[:8], error)
+        plugin, plugin_version = result.get("plugin", ""), result.get("plugin_version", "")
+        if not plugin:
+            # a worker that timed out or died sent nothing back: the plugin the daemon
+            # started the step with (recorded when it started) stays on record
+            registered = self.host.steps.get(spec.uses)
+            if registered is not None:
+                plugin, plugin_version = registered.plugin, registered.plugin_version
         self.store.finish_step(
             job.id,
             step_id,
@@ -342,8 +349,8 @@ class Engine:
             summary=result.get("summary") or "",
             error=error,
             artifacts=result.get("artifacts") or [],
-            plugin=result.get("plugin", ""),
-            plugin_version=result.get("plugin_version", ""),
+            plugin=plugin,
+            plugin_version=plugin_version,
         )
         self._after_step(job, step_id)
 

@@ -15,8 +15,10 @@ import signal
 import sys
 import traceback
 from collections.abc import Mapping
+from datetime import date, datetime
+from enum import Enum
 from multiprocessing.connection import Connection
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from rtauto.errors import StepFailed, StepRetry
@@ -139,7 +141,7 @@ def run_task(host: Any, task: Mapping[str, Any]) -> dict[str, Any]:
             return {**base, "status": "retry", "error": str(exc), "retry_after": exc.after}
         except StepFailed as exc:
             return {**base, "status": "fail", "error": str(exc)}
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in a step fails the step alone
             ctx.logger.error("step raised:\n%s", traceback.format_exc())
             return {
                 **base,
@@ -159,6 +161,10 @@ def run_task(host: Any, task: Mapping[str, Any]) -> dict[str, Any]:
                 "status": "fail",
                 "error": f"step {uses} returned {type(returned).__name__}, not a StepResult",
             }
+        try:
+            outputs = plain_outputs(result.outputs)
+        except TypeError as exc:
+            return {**base, "status": "fail", "error": f"step {uses}: {exc}"}
         artifacts = []
         for artifact in [*ctx.artifacts, *[a for a in result.artifacts if a not in ctx.artifacts]]:
             data = artifact.to_json()
@@ -167,7 +173,7 @@ def run_task(host: Any, task: Mapping[str, Any]) -> dict[str, Any]:
         return {
             **base,
             "status": "ok",
-            "outputs": result.outputs,
+            "outputs": outputs,
             "summary": result.summary,
             "artifacts": artifacts,
             "error": None,
@@ -175,6 +181,45 @@ def run_task(host: Any, task: Mapping[str, Any]) -> dict[str, Any]:
     finally:
         root.removeHandler(handler)
         handler.close()
+
+
+def _plain(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if hasattr(value, "dtype") and hasattr(value, "tolist"):
+        return _plain(value.tolist(), where)  # NumPy scalars and arrays, tensors
+    if isinstance(value, Enum):
+        return _plain(value.value, where)
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        plain = {}
+        for key, item in value.items():
+            if not isinstance(key, str | int):
+                raise TypeError(f"output {where!r} has a key of type {type(key).__name__}")
+            plain[str(key)] = _plain(item, f"{where}.{key}")
+        return plain
+    if isinstance(value, set | frozenset):
+        items = [_plain(item, where) for item in value]
+        try:
+            return sorted(items)
+        except TypeError:
+            return items
+    if isinstance(value, list | tuple):
+        return [_plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    raise TypeError(
+        f"output {where!r} is of type {type(value).__name__}, which a workflow cannot read: "
+        "return numbers, strings, booleans, None, or lists and mappings of them"
+    )
+
+
+def plain_outputs(outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """A step's outputs as the store keeps them and ``if:`` reads them: NumPy scalars and
+    arrays become numbers and lists, tuples and sets lists, paths strings, dates ISO text.
+    Raises TypeError, naming the output, for anything else."""
+    return {str(key): _plain(value, str(key)) for key, value in outputs.items()}
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -198,9 +243,14 @@ def worker_main(conn: Connection, settings_json: dict[str, Any], warm: list[str]
 
     settings_json = {k: v for k, v in settings_json.items() if not k.startswith("_")}
     settings = Settings.model_validate(settings_json)
+    # the console (the daemon's log, or rtauto run's stderr) shows log_level and above; each
+    # step's step.log keeps its INFO lines whatever that level is
     logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=min(logging.INFO, logging.getLevelName(settings.log_level)),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for console in logging.getLogger().handlers:
+        console.setLevel(settings.log_level)
     host = build_plugin_manager(settings)
     warmed = []
     for name, registered in host.steps.items():

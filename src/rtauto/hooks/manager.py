@@ -9,6 +9,8 @@ import importlib.util
 import inspect
 import logging
 import os
+import re
+import sys
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -57,6 +59,28 @@ class RegisteredStep:
     step_type: StepType
     plugin: str
     plugin_version: str
+
+
+def failure_summary(reason: str) -> str:
+    """The first line of a plugin failure's reason: what failed and the exception (with the
+    file and line of a syntax error); the traceback follows it in ``host.failures``."""
+    lines = reason.strip().splitlines()
+    return lines[0] if lines else reason
+
+
+class StepTypes(dict[str, RegisteredStep]):
+    """The registered step types by name, and (``failed``) the plugins that could not load
+    with their reasons: a workflow naming a step type of one is told why it is missing."""
+
+    def __init__(self, *args: Any, failed: Mapping[str, str] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.failed: Mapping[str, str] = failed if failed is not None else {}
+
+    def failure_of(self, step_type: str) -> tuple[str, str] | None:
+        """The plugin named by ``step_type``'s prefix and its reason, when it failed to load."""
+        plugin = step_type.partition(".")[0]
+        reason = self.failed.get(plugin)
+        return (plugin, reason) if reason else None
 
 
 @dataclass
@@ -156,6 +180,25 @@ def plugin_fingerprint(site_modules: Iterable[str] = ()) -> str:
         module = target.partition(":")[0]
         parts.append(f"site:{target}:{_source_stamp(module)}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def forget_plugin_modules(site_modules: Iterable[str] = ()) -> list[str]:
+    """Drop the imported modules of the installed plugins (the package of each ``rtauto``
+    entry point, and of each site module in ``site_modules``) from ``sys.modules``, so that
+    the next :func:`build_plugin_manager` imports the code now on disk: an upgrade's new step
+    types, and a broken upgrade's import error, instead of the first version imported.
+
+    rtauto's own modules and the libraries plugins import (NumPy, PyTorch, ...) stay loaded.
+    Returns the names dropped.
+    """
+    packages = {ep.module.partition(".")[0] for ep in _entry_points()}
+    packages |= {target.partition(":")[0].partition(".")[0] for target in site_modules}
+    packages -= {"rtauto", *sys.stdlib_module_names}
+    dropped = [name for name in list(sys.modules) if name.partition(".")[0] in packages]
+    for name in dropped:
+        del sys.modules[name]
+    importlib.invalidate_caches()
+    return dropped
 
 
 @dataclass
@@ -293,10 +336,18 @@ _WHAT = {_STEPS: "step", _DESTINATIONS: "destination type", _BACKENDS: "model ba
 _Owners = dict[str, tuple[str, Any]]
 
 
+_STEP_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+")
+
+
 def _make_register(
-    hook_name: str, plugin: str, committed: _Owners, staged: _Owners
+    hook_name: str,
+    plugin: str,
+    committed: _Owners,
+    staged: _Owners,
+    plugins: frozenset[str] = frozenset(),
 ) -> Callable[..., None]:
-    """The ``register`` callback one plugin gets in one provider hook."""
+    """The ``register`` callback one plugin gets in one provider hook (``plugins``: the names
+    of all loaded plugins, whose step name prefixes are theirs)."""
     what = _WHAT[hook_name]
 
     def claim(key: str, value: Any) -> None:
@@ -317,7 +368,19 @@ def _make_register(
                 f"step {step_type.name!r} of plugin {plugin}: params must be a pydantic model "
                 f"class, not {params!r}"
             )
-        claim(step_type.name, step_type)
+        name = step_type.name
+        if not isinstance(name, str) or not _STEP_NAME.fullmatch(name):
+            raise PluginError(
+                f"plugin {plugin} registers step {name!r}: a step name is PLUGIN.VERB (letters, "
+                "digits, _ and -, parts joined by dots), or no workflow could name it"
+            )
+        prefix = name.partition(".")[0]
+        if prefix != plugin and prefix in plugins:
+            raise PluginError(
+                f"plugin {plugin} registers step {name!r} under plugin {prefix}'s name: a "
+                f"step name starts with its own plugin's name ({plugin}.)"
+            )
+        claim(name, step_type)
 
     def register_destination(destination_type: DestinationType) -> None:
         if not isinstance(destination_type, DestinationType):
@@ -359,7 +422,9 @@ def _collect(host: PluginHost) -> None:
             if impl.plugin_name in failed:
                 continue
             staged: _Owners = {}
-            register = _make_register(hook_name, impl.plugin_name, committed, staged)
+            register = _make_register(
+                hook_name, impl.plugin_name, committed, staged, frozenset(host.plugins)
+            )
             try:
                 impl.function(**{"register": register} if impl.argnames else {})
             except Exception as exc:
@@ -372,10 +437,13 @@ def _collect(host: PluginHost) -> None:
     def kept(hook_name: str) -> _Owners:
         return {key: entry for key, entry in owners[hook_name].items() if entry[0] not in failed}
 
-    host.steps = {
-        name: RegisteredStep(step_type, plugin, _version_of(host, plugin))
-        for name, (plugin, step_type) in kept(_STEPS).items()
-    }
+    host.steps = StepTypes(
+        {
+            name: RegisteredStep(step_type, plugin, _version_of(host, plugin))
+            for name, (plugin, step_type) in kept(_STEPS).items()
+        },
+        failed=host.failures,
+    )
     host.destination_types = {name: dest for name, (_, dest) in kept(_DESTINATIONS).items()}
     host.model_backends = {name: loader for name, (_, loader) in kept(_BACKENDS).items()}
     for name, reason in failed.items():

@@ -101,7 +101,7 @@ def rtauto_register_destinations(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
-def rtauto_register_model_backends(register: Callable[[Any], None]) -> None:
+def rtauto_register_model_backends(register: Callable[[str, Callable[..., Any]], None]) -> None:
     """Register inference backends for model cards: ``register(name, loader)``.
 
     ``name`` is what a model card's ``backend:`` names (e.g. ``onnx``); ``loader(card, path)``

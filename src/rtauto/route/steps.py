@@ -91,7 +91,11 @@ class RouteSendParams(_Selection):
 class RouteFolderParams(_Selection):
     """``route.folder``: any files (DICOM objects, reports) into a folder."""
 
-    path: str | None = Field(None, description="folder (relative: under rtauto's home)")
+    path: str | None = Field(
+        None,
+        description="folder: absolute (a share, which must exist), or relative: under rtauto's "
+        "home (OUT/.rtauto for rtauto run), made on first use",
+    )
     destination: str | None = Field(None, description="name of a folder destination")
 
     @model_validator(mode="after")
@@ -277,6 +281,10 @@ def route_folder(ctx: StepContext, params: RouteFolderParams) -> StepResult:
         home = _home(ctx)
         if not path.is_absolute() and home is not None:
             path = home / path
+            if ctx.dry_run is None:
+                # a folder of rtauto's own, made on first use; an absolute path is a share
+                # that must be there already (missing means not mounted: retried)
+                path.mkdir(parents=True, exist_ok=True)
         primary = FOLDER_NAME_PREFIX + str(path.resolve())
     else:
         primary = str(params.destination)

@@ -556,8 +556,14 @@ def _check_step_type(
     registered = steps.get(spec.uses)
     if registered is None:
         message = f"step {spec.id!r}: unknown step type {spec.uses!r}"
+        failure_of = getattr(steps, "failure_of", None)  # hooks.manager.StepTypes
+        failure = failure_of(spec.uses) if failure_of is not None else None
         close = difflib.get_close_matches(spec.uses, list(steps), n=3, cutoff=0.6)
-        if close:
+        if failure is not None:
+            plugin, reason = failure
+            first = reason.strip().splitlines()[0] if reason.strip() else reason
+            message += f": plugin {plugin!r} failed to load ({first}); `rtauto plugins` shows why"
+        elif close:
             message += "; did you mean " + " or ".join(repr(c) for c in close) + "?"
         elif steps:
             known = sorted(steps)

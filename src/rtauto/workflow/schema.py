@@ -768,6 +768,8 @@ def workflow_json_schema(steps: Mapping[str, RegisteredStep] | None = None) -> d
             then: dict[str, Any] = {"properties": {"with": params}}
             if params.get("required"):
                 then["required"] = ["with"]
+            elif params.get("type") == "object":
+                params["type"] = ["object", "null"]  # `with:` left empty, as validate accepts
             branches.append(
                 {
                     "if": {"properties": {"uses": {"const": name}}, "required": ["uses"]},

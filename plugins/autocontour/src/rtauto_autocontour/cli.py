@@ -53,8 +53,9 @@ def models_command(
         )
     else:
         if not checks:
-            typer.echo(f"no model cards under {folder}")
+            missing = "" if Path(folder).is_dir() else " (no such folder)"
+            typer.echo(f"no model cards under {folder}{missing}", err=bool(missing))
         for c in checks:
             state = "ok" if c.ok else f"REFUSED: {c.reason}"
             typer.echo(f"{c.ref:<28} {c.card_hash[:12]:<12}  {state}")
-    raise typer.Exit(0 if all(c.ok for c in checks) else 1)
+    raise typer.Exit(0 if Path(folder).is_dir() and all(c.ok for c in checks) else 1)

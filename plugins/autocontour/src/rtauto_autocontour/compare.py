@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -31,7 +33,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
 from rtauto.dicom.geometry import GeometryError, Volume
-from rtauto.dicom.rtstruct import read_rtstruct
+from rtauto.dicom.rtstruct import Structure, read_rtstruct
 from rtauto.dicom.seg import read_seg
 from rtauto.errors import StepFailed
 from rtauto.steps import StepContext, StepResult, StepType
@@ -119,29 +121,40 @@ def run_compare(ctx: StepContext, params: CompareParams) -> StepResult:
     """``autocontour.compare``: Dice, MSD, HD95 of earlier steps' structures."""
     volume: Volume = _load_ct(ctx)
     steps = params.from_ or list(ctx.previous)
-    evaluated = [
-        artifact
+    evaluated = {
+        step_id: [a for a in ctx.previous[step_id].artifacts if a.kind in ("RTSTRUCT", "SEG")]
         for step_id in steps
         if step_id in ctx.previous
-        for artifact in ctx.previous[step_id].artifacts
-        if artifact.kind in ("RTSTRUCT", "SEG")
-    ]
-    if not evaluated:
+    }
+    if not any(evaluated.values()):
         raise StepFailed(f"no RTSTRUCT or SEG among the artifacts of steps {steps}")
     reference_set = _reference(ctx, params.reference)
     try:
-        ours = []
-        # RTSTRUCTs first: with both outputs of one step, each structure is compared once
-        for artifact in sorted(evaluated, key=lambda a: a.kind != "RTSTRUCT"):
-            read = (
-                read_rtstruct(artifact.path, volume)[0]
-                if artifact.kind == "RTSTRUCT"
-                else read_seg(artifact.path, volume)
-            )
-            seen = {s.name for s in ours}
-            ours += [s for s in read if s.name not in seen]
+        found: list[tuple[str, Structure]] = []
+        for step_id, artifacts in evaluated.items():
+            # RTSTRUCTs first: with both outputs of one step, each structure is compared once
+            seen: set[str] = set()
+            for artifact in sorted(artifacts, key=lambda a: a.kind != "RTSTRUCT"):
+                read = (
+                    read_rtstruct(artifact.path, volume)[0]
+                    if artifact.kind == "RTSTRUCT"
+                    else read_seg(artifact.path, volume)
+                )
+                found += [(step_id, s) for s in read if s.name not in seen]
+                seen |= {s.name for s in read}
         if params.structures:
-            ours = [s for s in ours if s.name in params.structures]
+            found = [(step_id, s) for step_id, s in found if s.name in params.structures]
+        # a name two steps both produce (two model versions) is reported once per step, as
+        # STEP/NAME; a name only one step produces keeps its own
+        counts = Counter(s.name for _, s in found)
+        ours = [
+            replace(s, name=f"{step_id}/{s.name}") if counts[s.name] > 1 else s
+            for step_id, s in found
+        ]
+        original = {
+            (f"{step_id}/{s.name}" if counts[s.name] > 1 else s.name): s.name
+            for step_id, s in found
+        }
         # only the reference ROIs needed are read (a clinical set holds many more)
         names = {
             str(roi.ROIName).lower(): str(roi.ROIName)
@@ -149,7 +162,8 @@ def run_compare(ctx: StepContext, params: CompareParams) -> StepResult:
         }
         # the name ``match`` gives, else the structure's own (case ignored)
         wanted = {
-            s.name: names.get(params.match.get(s.name, s.name).lower()) or names.get(s.name.lower())
+            s.name: names.get(params.match.get(original[s.name], original[s.name]).lower())
+            or names.get(original[s.name].lower())
             for s in ours
         }
         needed = sorted({name for name in wanted.values() if name})

@@ -132,7 +132,10 @@ class ModelRegistry:
         try:
             data = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
-            raise ModelError(f"{path}: not valid YAML ({exc})") from exc
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            what = getattr(exc, "problem", None) or str(exc)
+            raise ModelError(f"{where}: not valid YAML: {what}") from exc
         if not isinstance(data, dict):
             raise ModelError(f"{path}: a model card is a mapping")
         try:
@@ -192,6 +195,20 @@ class ModelRegistry:
             if not versions:
                 raise ModelError(self._unknown(ref, name))
             model = max(versions, key=lambda m: _version_key(m.card.version))
+            # a newer version whose card was refused is not passed over in silence: whoever
+            # dropped it in meant it to be the latest
+            newer = [
+                (path, reason)
+                for path, reason in self._problems.items()
+                if path.parent.parent.name == name
+                and _version_key(path.parent.name) > _version_key(model.card.version)
+            ]
+            if newer:
+                path, reason = max(newer, key=lambda item: _version_key(item[0].parent.name))
+                raise ModelError(
+                    f"model {ref}: the newest version, {name}@{path.parent.name}, is refused "
+                    f"({reason}); mend its card, or name the version to use ({model.ref})"
+                )
         else:
             found = self._models.get((name, version))
             if found is None:
@@ -205,6 +222,8 @@ class ModelRegistry:
         refused = [f"{p}: {r}" for p, r in self._problems.items() if p.parent.parent.name == name]
         known = sorted(m.ref for m in self._models.values())
         message = f"model {ref} is not in {self.models_dir} (known: {known or 'none'})"
+        if not self.models_dir.is_dir():
+            message += "; that folder does not exist (set models_dir, or --models)"
         if refused:
             message += "; refused cards: " + "; ".join(refused)
         return message

@@ -347,6 +347,21 @@ def _warmup() -> None:
     import onnxruntime  # noqa: F401
 
 
+def segment_resources(params: SegmentParams, settings: Any) -> dict[str, str]:
+    """The model the step will run, resolved now (``NAME@latest`` to its version) and
+    verified, with the hashes of its card and weights; StepFailed when it cannot be used."""
+    registry = registry_for(Path(settings.models_dir).resolve())
+    try:
+        model = registry.resolve(params.model)
+    except ModelError as exc:
+        raise StepFailed(str(exc)) from exc
+    return {
+        "model": model.ref,
+        "model_card_sha256": model.card_hash,
+        "model_weights_sha256": model.card.sha256,
+    }
+
+
 SEGMENT_STEP = StepType(
     name="autocontour.segment",
     run=run_segment,
@@ -362,6 +377,7 @@ SEGMENT_STEP = StepType(
         "seg_sop_instance_uid": "SOP Instance UID of the SEG (or null)",
     },
     warmup=_warmup,
+    resources=segment_resources,
 )
 
 THRESHOLD_STEP = StepType(
