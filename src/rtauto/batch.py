@@ -25,7 +25,6 @@ new model version uses:
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import json
 import os
@@ -38,6 +37,7 @@ from typing import Any
 
 from rtauto.config import Settings
 from rtauto.errors import IngestError, RtautoError
+from rtauto.locks import exclusive_lock
 from rtauto.workflow import LoadedWorkflow
 
 __all__ = ["BatchReport", "Case", "run_batch", "run_folder"]
@@ -112,16 +112,18 @@ def _exclusive(home: Path) -> Iterator[None]:
     """Hold ``HOME/batch.lock``: one batch at a time in an output folder (two would run every
     case twice into the same folders)."""
     home.mkdir(parents=True, exist_ok=True)
-    fd = os.open(home / "batch.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
+    lock = home / "batch.lock"
+    fd = exclusive_lock(lock)
+    if fd is None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise RtautoError(
-                f"another rtauto batch (pid {holder}) is running with this output folder"
-                f" ({home.parent}); wait for it, or give another --out"
-            ) from None
+            holder = lock.read_text(errors="replace").strip() or "?"
+        except OSError:
+            holder = "?"
+        raise RtautoError(
+            f"another rtauto batch (pid {holder}) is running with this output folder"
+            f" ({home.parent}); wait for it, or give another --out"
+        )
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield

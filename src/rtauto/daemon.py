@@ -4,7 +4,6 @@ tree. ``rtauto serve`` runs it until SIGTERM or SIGINT.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from rtauto.errors import RtautoError
 from rtauto.hooks import PluginHost, build_plugin_manager
 from rtauto.hooks.manager import failure_summary, forget_plugin_modules, plugin_fingerprint
 from rtauto.ingest.assembler import Assembler
+from rtauto.locks import exclusive_lock
 from rtauto.store import Store
 from rtauto.uids import set_uid_root
 from rtauto.workflow.library import WorkflowLibrary
@@ -69,11 +69,8 @@ class Daemon:
         """Hold ``HOME/daemon.lock`` for the daemon's life: two daemons on one home would run
         the same jobs twice (each takes the other's running steps for interrupted ones)."""
         home = Path(self.settings.home)
-        fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = exclusive_lock(home / LOCK_FILE)
+        if fd is None:
             try:
                 pid = json.loads((home / STATE_FILE).read_text()).get("pid", "?")
             except (OSError, ValueError):

@@ -420,3 +420,26 @@ def test_a_raising_rtauto_addhooks_disables_its_plugin():
     assert host.failures["broken"] == "registration failed: spec module missing"
     assert host.pm.get_plugin("broken") is None
     assert "broken.step" not in host.steps
+
+
+def test_a_step_of_a_plugin_that_failed_to_load_is_explained():
+    from rtauto.engine.worker import run_task
+    from rtauto.errors import WorkflowError
+    from rtauto.workflow import load_workflow_text
+
+    host = build(brk="rtauto_module_that_does_not_exist")
+    assert "brk" in host.failures
+    text = "name: b\ntrigger: {modality: CT}\nsteps:\n  - id: x\n    uses: brk.check\n"
+    with pytest.raises(WorkflowError) as refused:
+        load_workflow_text(text, "b.yaml", host.steps)
+    [problem] = refused.value.problems
+    assert problem.startswith("b.yaml:5:11: step 'x': unknown step type 'brk.check': plugin 'brk'")
+    assert "failed to load (import failed: ModuleNotFoundError(" in problem
+    assert "Traceback" not in problem  # the first line only; `rtauto plugins` shows the rest
+    # a job that reaches a worker where the plugin is broken fails its step with the reason
+    result = run_task(host, {"uses": "brk.check"})
+    assert result["status"] == "fail"
+    assert result["error"].startswith(
+        "step type 'brk.check' is not available: plugin failed to load: import failed: "
+        "ModuleNotFoundError("
+    )

@@ -87,8 +87,8 @@ def run_task(host: Any, task: Mapping[str, Any]) -> dict[str, Any]:
     registered = host.steps.get(uses)
     base = {"plugin": "", "plugin_version": "", "outputs": {}, "artifacts": [], "summary": ""}
     if registered is None:
-        reason = host.failures.get(uses.split(".")[0])
-        why = f": plugin failed to load: {reason.splitlines()[0]}" if reason else ""
+        failure = host.steps.failure_of(uses)
+        why = f": plugin failed to load: {failure[1]}" if failure else ""
         return {**base, "status": "fail", "error": f"step type {uses!r} is not available{why}"}
     base["plugin"], base["plugin_version"] = registered.plugin, registered.plugin_version
     step_type = registered.step_type

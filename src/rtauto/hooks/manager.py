@@ -77,10 +77,11 @@ class StepTypes(dict[str, RegisteredStep]):
         self.failed: Mapping[str, str] = failed if failed is not None else {}
 
     def failure_of(self, step_type: str) -> tuple[str, str] | None:
-        """The plugin named by ``step_type``'s prefix and its reason, when it failed to load."""
+        """The plugin named by ``step_type``'s prefix and the first line of its reason
+        (:func:`failure_summary`), when it failed to load."""
         plugin = step_type.partition(".")[0]
         reason = self.failed.get(plugin)
-        return (plugin, reason) if reason else None
+        return (plugin, failure_summary(reason)) if reason else None
 
 
 @dataclass
@@ -95,7 +96,7 @@ class PluginHost:
     pm: pluggy.PluginManager
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
-    steps: dict[str, RegisteredStep] = field(default_factory=dict)
+    steps: StepTypes = field(default_factory=StepTypes)
     destination_types: dict[str, DestinationType] = field(default_factory=dict)
     model_backends: dict[str, Callable[..., Any]] = field(default_factory=dict)
 

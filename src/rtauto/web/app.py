@@ -7,7 +7,6 @@ Endpoints: ``/`` (dashboard page), ``/api/status``, ``/api/jobs``, ``/api/jobs/{
 from __future__ import annotations
 
 import html
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -36,13 +35,11 @@ def _status(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) ->
         else 0
     )
     try:
+        # free: what an unprivileged writer may still use (f_bavail), as the spool measures it
         disk = shutil.disk_usage(settings.home)
         free, total = disk.free, disk.total
-        # as the spool measures it (space an unprivileged writer may use)
-        st = os.statvfs(settings.home)
-        available = st.f_bavail * st.f_frsize
     except OSError:
-        free = total = available = 0
+        free = total = 0
     reserve = int(settings.min_free_mb * 1e6)
     return {
         "version": __version__,
@@ -55,7 +52,7 @@ def _status(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) ->
         "home_free_bytes": free,
         "home_total_bytes": total,
         "min_free_bytes": reserve,
-        "ingest_paused": bool(reserve and available < reserve),
+        "ingest_paused": bool(reserve and free < reserve),
         **extra(),
     }
 

@@ -560,9 +560,8 @@ def _check_step_type(
         failure = failure_of(spec.uses) if failure_of is not None else None
         close = difflib.get_close_matches(spec.uses, list(steps), n=3, cutoff=0.6)
         if failure is not None:
-            plugin, reason = failure
-            first = reason.strip().splitlines()[0] if reason.strip() else reason
-            message += f": plugin {plugin!r} failed to load ({first}); `rtauto plugins` shows why"
+            plugin, summary = failure
+            message += f": plugin {plugin!r} failed to load ({summary}); `rtauto plugins` shows why"
         elif close:
             message += "; did you mean " + " or ".join(repr(c) for c in close) + "?"
         elif steps:

@@ -151,10 +151,7 @@ def run_compare(ctx: StepContext, params: CompareParams) -> StepResult:
             replace(s, name=f"{step_id}/{s.name}") if counts[s.name] > 1 else s
             for step_id, s in found
         ]
-        original = {
-            (f"{step_id}/{s.name}" if counts[s.name] > 1 else s.name): s.name
-            for step_id, s in found
-        }
+        original = {labelled.name: s.name for labelled, (_, s) in zip(ours, found, strict=True)}
         # only the reference ROIs needed are read (a clinical set holds many more)
         names = {
             str(roi.ROIName).lower(): str(roi.ROIName)
