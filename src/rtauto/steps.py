@@ -63,7 +63,12 @@ __all__ = [
     "StepType",
     "StudyInputs",
     "PreviousStep",
+    "SERIES_NUMBER_BASE",
 ]
+
+# SeriesNumber of the series rtauto writes: 9001 and up (StepContext.series_number), far above
+# the numbers scanners and planning systems give, so rtauto's series sort after the images
+SERIES_NUMBER_BASE = 9000
 
 
 class NoParams(BaseModel):
@@ -259,6 +264,20 @@ class StepContext:
     # outside rtauto (rtauto's routing steps copy their items there instead of delivering);
     # None in ordinary runs. A step that talks to other systems itself must honour it.
     dry_run: Path | None = None
+    # the step's position in its workflow (0 for the first step): see series_number()
+    step_index: int = 0
+
+    def series_number(self, output: int = 0) -> int:
+        """A SeriesNumber for the ``output``-th series (0-9) this step writes.
+
+        ``9001 + 10 * step_index + output``: the first step's first series is 9001, its second
+        9002, the next step's 9011, and so on. Two steps of one workflow that write into the
+        same study therefore never give two series the same number, and a job run again
+        numbers its series as before (the TPS lists the new series next to the old one).
+        """
+        if not 0 <= output <= 9:
+            raise ValueError(f"output must be 0-9, not {output}")
+        return SERIES_NUMBER_BASE + 10 * self.step_index + output + 1
 
     def add_artifact(
         self,

@@ -86,6 +86,10 @@ def measure(ctx, params):
             "rois": {"Lung_L", "Cord"}, "where": Path("/data/x"), "pair": (1, 2)}
 
 
+def numbers(ctx, params):
+    return {"series": [ctx.series_number(0), ctx.series_number(1)], "index": ctx.step_index}
+
+
 def outside(ctx, params):
     stray = ctx.job_dir / "stray.txt"  # not in the step's workdir
     stray.write_text("x")
@@ -95,6 +99,7 @@ def outside(ctx, params):
 @hookimpl
 def rtauto_register_steps(register):
     register(StepType(name="t.outside", params=P, run=outside))
+    register(StepType(name="t.numbers", params=P, run=numbers))
     register(StepType(name="t.measure", params=P, run=measure))
     register(StepType(name="t.flaky", params=P, run=flaky))
     register(StepType(name="t.bad", params=P, run=bad_data))
@@ -404,6 +409,29 @@ def test_artifacts_carry_provenance(env):
     assert len(artifact.sha256) == 64
     assert Path(artifact.path).is_relative_to(Path(row.work_dir))
     assert steps_of(env, job.id)["emit"].outputs["instances"] == 3
+
+
+def test_each_step_numbers_the_series_it_writes_apart_from_the_others(env):
+    # the series numbers follow the steps' order in the file, not the order they run in
+    job = env.job(
+        """
+        name: numbers
+        trigger: {modality: CT}
+        steps:
+          - id: later
+            uses: t.numbers
+            needs: first
+          - id: first
+            uses: t.numbers
+          - id: third
+            uses: t.numbers
+        """
+    )
+    env.engine().run_until_done([job.id])
+    outputs = {sid: s.outputs for sid, s in steps_of(env, job.id).items()}
+    assert outputs["later"] == {"series": [9001, 9002], "index": 0}
+    assert outputs["first"] == {"series": [9011, 9012], "index": 1}
+    assert outputs["third"] == {"series": [9021, 9022], "index": 2}
 
 
 def test_a_plugin_upgraded_on_disk_is_used_by_the_next_job(env):

@@ -93,6 +93,11 @@ def test_run_on_the_head_phantom_routes_rtstructs_that_reference_the_ct(
     [body_path] = steps["body"]["artifacts"]
     body = pydicom.dcmread(body_path)
     assert len(received) == 2 and body.SOPInstanceUID in received
+    [contour_path] = steps["contour"]["artifacts"]
+    contour = pydicom.dcmread(contour_path, stop_before_pixels=True)
+    # two RTSTRUCT series in one study: each step numbers its own
+    assert (body.SeriesNumber, contour.SeriesNumber) == (9001, 9011)
+    assert body.SeriesInstanceUID != contour.SeriesInstanceUID
     assert len(list(results.iterdir())) == 2
 
     ct_files = sorted(study.glob("CT*.dcm"))

@@ -172,6 +172,7 @@ def _base_dataset(
     study: Dataset,
     frame_of_reference_uid: str,
     series_description: str,
+    series_number: int,
     content_label: str,
     content_description: str,
     software_versions: Sequence[str],
@@ -204,7 +205,7 @@ def _base_dataset(
         raise ValueError("the study dataset has no StudyInstanceUID")
     ds.Modality = "REG"
     ds.SeriesInstanceUID = new_uid()
-    ds.SeriesNumber = 900
+    ds.SeriesNumber = series_number
     ds.SeriesDescription = series_description[:64]
     # Type 2C: dciodvfy requires it where the body part may be paired (an empty value is only
     # a warning where it is not), so it is always present and empty
@@ -282,6 +283,7 @@ def write_spatial_registration(
     derivation_description: str = "",
     content_description: str = "rtauto rigid registration",
     series_description: str = "rtauto registration",
+    series_number: int = 900,
     comment: str = "",
 ) -> Dataset:
     """Write a Spatial Registration object registering ``moving`` onto ``fixed``.
@@ -296,6 +298,7 @@ def write_spatial_registration(
         study=study,
         frame_of_reference_uid=fixed.frame_of_reference_uid,
         series_description=series_description,
+        series_number=series_number,
         content_label="RTAUTO_REG",
         content_description=content_description,
         software_versions=software_versions,
@@ -337,6 +340,7 @@ def write_deformable_registration(
     derivation_description: str = "",
     content_description: str = "rtauto deformable registration",
     series_description: str = "rtauto deformable registration",
+    series_number: int = 900,
 ) -> Dataset:
     """Write a Deformable Spatial Registration object from ``fixed`` (registered) to ``moving``.
 
@@ -360,6 +364,7 @@ def write_deformable_registration(
         study=study,
         frame_of_reference_uid=fixed.frame_of_reference_uid,
         series_description=series_description,
+        series_number=series_number,
         content_label="RTAUTO_DREG",
         content_description=content_description,
         software_versions=software_versions,

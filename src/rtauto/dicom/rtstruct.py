@@ -366,6 +366,7 @@ def write_rtstruct(
     *,
     label: str = "rtauto",
     series_description: str = "rtauto structures",
+    series_number: int = 9001,
     manufacturer: str = "rtauto",
     software_versions: Sequence[str] = (),
     derivation_description: str = "",
@@ -435,7 +436,7 @@ def write_rtstruct(
     # RT Series and General Equipment modules.
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = series_instance_uid or new_uid()
-    ds.SeriesNumber = 9001
+    ds.SeriesNumber = series_number
     ds.SeriesDate, ds.SeriesTime = date, time
     ds.SeriesDescription = series_description[:64]
     ds.OperatorsName = ""

@@ -60,6 +60,7 @@ def write_seg(
     software_versions: Sequence[str] = ("rtauto",),
     derivation_description: str = "",
     series_description: str = "rtauto segmentation",
+    series_number: int = 9002,
     sop_instance_uid: str | None = None,
     series_instance_uid: str | None = None,
 ) -> Dataset:
@@ -114,7 +115,7 @@ def write_seg(
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=series_instance_uid or new_uid(),
-        series_number=9002,
+        series_number=series_number,
         sop_instance_uid=sop_instance_uid or new_uid(),
         instance_number=1,
         manufacturer=manufacturer,

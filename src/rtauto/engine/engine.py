@@ -238,6 +238,7 @@ class Engine:
         return {
             "job_id": job.id,
             "step_id": step_id,
+            "step_index": loaded.workflow.steps.index(spec),
             "uses": spec.uses,
             "params": dict(spec.with_),
             "attempt": attempt,

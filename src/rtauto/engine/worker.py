@@ -134,6 +134,7 @@ def run_task(host: Any, task: Mapping[str, Any]) -> dict[str, Any]:
             max_attempts=task.get("max_attempts", 1),
             destination_types=host.destination_types,
             dry_run=Path(task["dry_run"]) if task.get("dry_run") else None,
+            step_index=task.get("step_index", 0),
         )
         try:
             returned = step_type.run(ctx, params)

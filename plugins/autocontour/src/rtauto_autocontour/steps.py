@@ -145,6 +145,7 @@ def _write_outputs(
                 partial,
                 label=label,
                 series_description=f"rtauto {label}",
+                series_number=ctx.series_number(0),
                 manufacturer="rtauto",
                 software_versions=versions,
                 derivation_description=description,
@@ -172,6 +173,7 @@ def _write_outputs(
                 software_versions=versions,
                 derivation_description=description,
                 series_description=f"rtauto {label}",
+                series_number=ctx.series_number(1),
                 sop_instance_uid=uid,
             )
             written.append((partial, final, "SEG", uid))

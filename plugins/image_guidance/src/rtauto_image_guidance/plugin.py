@@ -260,6 +260,7 @@ def register_images(ctx: StepContext, params: RegisterParams) -> StepResult:
             derivation_description=derivation,
             content_description=f"rigid {params.metric} registration, outcome {outcome}",
             series_description="rtauto image guidance",
+            series_number=ctx.series_number(0),
         )
         ctx.add_artifact(
             reg_path,
@@ -285,6 +286,7 @@ def register_images(ctx: StepContext, params: RegisterParams) -> StepResult:
                 derivation_description=derivation,
                 content_description="rigid and demons registration",
                 series_description="rtauto image guidance deformable",
+                series_number=ctx.series_number(1),
             )
             ctx.add_artifact(
                 dreg_path,

@@ -139,6 +139,7 @@ def propagate(ctx: StepContext, params: PropagateParams, reg_path: Path) -> Step
         out,
         label="RTAUTO_PROP",
         series_description="rtauto propagated contours",
+        series_number=ctx.series_number(0),
         software_versions=ctx.provenance.software_versions(),
         derivation_description=ctx.provenance.derivation_description(),
     )
