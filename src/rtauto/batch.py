@@ -16,6 +16,8 @@ new model version uses:
 * running the same command again resumes: a case whose job with this exact workflow version
   (overrides included) finished is not run again, a job an interrupted batch left unfinished
   goes on from its last finished step, a failed case stays failed unless ``--retry-failed``;
+  a case whose files changed (a slice removed or added) runs again, in ``NAME.rerun-N``, and
+  every job reads exactly the instances of the cohort's files of this run;
 * the report, ``batch.json`` and ``batch.csv`` in the run folder, holds a row per case:
   patient, study, status, the step that failed and why, seconds, every step's outcome and
   outputs, the files written; numbers a step puts in its ``metrics`` output (the Dice, surface
@@ -54,6 +56,7 @@ class Case:
     study_uid: str
     series: list[str] = field(default_factory=list)
     files: int = 0
+    instances: dict[str, None] = field(default_factory=dict)  # SOP Instance UIDs read, once
     job_id: str = ""
     resumed: str = ""  # "": new job; "done": finished before; "unfinished": goes on
     unmatched: str = ""  # why the workflow's trigger does not take this study (then no job)
@@ -236,6 +239,7 @@ def _run_batch(
                     name="", patient_id=record.patient_id, study_uid=record.study_instance_uid
                 )
             case.files += 1
+            case.instances[record.sop_instance_uid] = None
             if record.series_instance_uid not in case.series:
                 case.series.append(record.series_instance_uid)
         if len(pending) >= 500 or done == len(files):
@@ -277,7 +281,17 @@ def _run_batch(
                 break
             attempt += 1
             previous = retried
-        if previous is not None and previous.status == "fail" and retry_failed:
+        if (
+            previous is not None
+            and previous.input_instances is not None
+            and set(previous.input_instances) != set(case.instances)
+        ):
+            # the study's files changed since (a slice removed or added): run it again on
+            # what the cohort holds now
+            attempt += 1
+            key, previous = f"{base}:retry:{attempt}", None
+            work_dir = run / f"{case.name}.rerun-{attempt}"
+        elif previous is not None and previous.status == "fail" and retry_failed:
             attempt += 1
             key, previous = f"{base}:retry:{attempt}", None
             work_dir = run / f"{case.name}.retry-{attempt}"
@@ -296,6 +310,7 @@ def _run_batch(
             key_series=case.series,
             dedupe_key=key,
             work_dir=work_dir,
+            input_instances=list(case.instances),
         )
         assert job is not None  # the key was free a moment ago and only this batch uses it
         case.job_id = job.id

@@ -249,6 +249,7 @@ def run(
     store = _store(settings)
     spool = Spool(settings)
     series: list[str] = []
+    instances: dict[str, None] = {}  # the inputs' SOP Instance UIDs, in order, once each
     study_uid = None
     refused = 0
     for path in _collect_files(inputs, exclude=out):
@@ -261,6 +262,7 @@ def run(
             typer.echo(f"refused {path}: {exc.reason} (quarantined)", err=True)
             continue
         store.record_instance(record)
+        instances[record.sop_instance_uid] = None
         study_uid = study_uid or record.study_instance_uid
         if record.series_instance_uid not in series:
             series.append(record.series_instance_uid)
@@ -277,6 +279,9 @@ def run(
         key_series=series,
         dedupe_key=f"run:{uuid.uuid4().hex}",
         work_dir=out / "job",
+        # only these inputs: an earlier run into the same --out may have left other
+        # instances of these series in its spool
+        input_instances=list(instances),
     )
     warm = sorted({s.uses for s in loaded.workflow.steps})
     engine = Engine(settings, store, host, warm=warm, dry_run=out / "dry-run" if dry_run else None)

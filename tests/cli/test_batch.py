@@ -444,3 +444,73 @@ def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 130
     assert "interrupted; the same command resumes it" in err and "Traceback" not in err
+
+
+def _referenced_images(rtstruct_path: str) -> int:
+    ds = pydicom.dcmread(rtstruct_path)
+    study = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+    return len(study.RTReferencedSeriesSequence[0].ContourImageSequence)
+
+
+def test_a_case_whose_files_changed_runs_again_on_exactly_the_files_it_holds_now(
+    tmp_path: Path,
+) -> None:
+    workflow = tmp_path / "body.yaml"
+    workflow.write_text(BODY_ONLY)
+    cohort, out = tmp_path / "cohort", tmp_path / "out"
+    series = write_ct_series(cohort / "study", rows=32, cols=32, slices=5)
+
+    def run() -> dict:
+        result = batch(str(workflow), str(cohort), "--out", str(out), "--json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        [row] = json.loads(result.stdout)["rows"]
+        return row
+
+    first = run()
+    assert first["status"] == "ok" and first["files"] == 5
+    [rtstruct] = [a for a in first["artifacts"] if Path(a).name.startswith("RS.")]
+    assert _referenced_images(rtstruct) == 5
+
+    series.files[-1].unlink()  # a slice taken out of the cohort
+    second = run()
+    assert second["status"] == "ok" and second["resumed"] == "" and second["files"] == 4
+    assert Path(second["outputs"]).name == f"{first['case']}.rerun-1"
+    [rtstruct] = [a for a in second["artifacts"] if Path(a).name.startswith("RS.")]
+    assert _referenced_images(rtstruct) == 4  # not 5: the spool's earlier copy is not read
+
+    third = run()  # nothing changed since: resumed, not run again
+    assert third["resumed"] == "done" and third["job"] == second["job"]
+
+
+def test_rtauto_run_into_a_used_out_folder_reads_only_its_own_inputs(tmp_path: Path) -> None:
+    workflow = tmp_path / "body.yaml"
+    workflow.write_text(BODY_ONLY)
+    series = write_ct_series(tmp_path / "ct", rows=32, cols=32, slices=5)
+    out = tmp_path / "out"
+
+    def run(*files: Path) -> dict:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rtauto.cli",
+                "run",
+                str(workflow),
+                *map(str, files),
+                "--out",
+                str(out),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads(result.stdout)
+
+    run(*series.files)
+    summary = run(*series.files[:4])
+    [step] = summary["steps"]
+    [rtstruct] = [a for a in step["artifacts"] if Path(a).name.startswith("RS.")]
+    assert _referenced_images(rtstruct) == 4

@@ -265,6 +265,9 @@ class Engine:
                 continue
             patient_id = patient_id or row.patient_id
             instances = self.store.instances_of_series(uid)
+            if job.input_instances is not None:
+                wanted = set(job.input_instances)
+                instances = [i for i in instances if i.sop_uid in wanted]
             series.append(
                 {
                     "series_instance_uid": uid,

@@ -52,8 +52,12 @@ def create_job_for(
     key_series: Sequence[str],
     dedupe_key: str | None = None,
     work_dir: Path | None = None,
+    input_instances: Sequence[str] | None = None,
 ) -> Job | None:
-    """Create the job of ``loaded`` on these series; None when it exists already."""
+    """Create the job of ``loaded`` on these series; None when it exists already.
+
+    ``input_instances`` limits the job to these instances of its series (see
+    :meth:`Store.create_job`)."""
     if dedupe_key is None:
         digest = hashlib.sha256("|".join(sorted(key_series)).encode()).hexdigest()[:24]
         # keyed by workflow name, not version: an edit applies to series that complete after
@@ -72,6 +76,7 @@ def create_job_for(
         step_ids=[(s.id, s.uses) for s in loaded.workflow.steps],
         jobs_dir=settings.jobs_dir,
         work_dir=work_dir,
+        input_instances=input_instances,
     )
 
 

@@ -506,10 +506,13 @@ class Store:
         step_ids: Sequence[tuple[str, str]],
         jobs_dir: Path,
         work_dir: Path | None = None,
+        input_instances: Sequence[str] | None = None,
     ) -> Job | None:
         """Create a job with its steps pending; None when this job already exists.
 
         Its working folder is ``jobs_dir/<job id>`` unless ``work_dir`` is given.
+        ``input_instances``: the SOP Instance UIDs of the input series the job reads (None:
+        every instance the store holds for them).
         """
         job_id = uuid.uuid4().hex
         now = time.time()
@@ -528,6 +531,7 @@ class Store:
                     study_uid=study_uid,
                     series_uid=series_uid,
                     input_series=list(input_series),
+                    input_instances=None if input_instances is None else list(input_instances),
                     status="pending",
                     work_dir=str(work_dir or jobs_dir / job_id),
                     created_at=now,
