@@ -141,6 +141,8 @@ class Daemon:
             log.info(
                 "dashboard on http://%s:%s/ (metrics: /metrics)", settings.web.host, self.web_port
             )
+        # receiving from here on: the quiet periods of series cut off by the last stop start now
+        self.assembler.started = time.time()
         self._write_state()
         self._loop = threading.Thread(target=self._run_loop, name="rtauto-loop", daemon=True)
         self._loop.start()

@@ -124,7 +124,7 @@ def test_kill9_during_a_push_loses_no_acknowledged_instance(daemon_factory, tmp_
     daemon = daemon_factory()
     daemon.add_workflow(
         "count",
-        count_workflow("3s"),
+        count_workflow("5s"),  # the re-send below starts well within it after the restart
     )
     daemon.start()
     proc = subprocess.Popen(
@@ -169,11 +169,49 @@ def test_kill9_during_a_push_loses_no_acknowledged_instance(daemon_factory, tmp_
     # the modality sends the series again, as it would after a failed association
     storescu(daemon.port, series.files)
     jobs = daemon.wait_for_jobs("count-ct")
-    time.sleep(4)
+    time.sleep(6)
     jobs = daemon.jobs("count-ct")
     assert len(jobs) == 1
     assert jobs[0].status == "ok"
     assert store.counts()["instances"] == len(series.files)
+    # one job, on the whole series: the restart gave the sender a full quiet period
+    assert sorted(jobs[0].input_instances) == sorted(series.sop_instance_uids)
+
+
+def test_a_series_cut_off_by_a_crash_waits_afresh_and_runs_again_once_complete(
+    daemon_factory, tmp_path
+):
+    """The time the daemon was down is not quiet time; a series that grows after its job was
+    made runs again, on the whole series, with a warning; a plain re-send changes nothing."""
+    series = write_ct_series(tmp_path / "ct", rows=32, cols=32, slices=30)
+    daemon = daemon_factory()
+    daemon.add_workflow("count", count_workflow("3s"))
+    daemon.start()
+    storescu(daemon.port, series.files[:20])  # the sender is cut off after 20 slices ...
+    daemon.kill9()  # ... by a crash of the daemon, before the series was quiet
+    time.sleep(4)  # down for longer than the quiet period
+    restarted = time.time()
+    daemon.start()
+    [first] = daemon.wait_for_jobs("count-ct")
+    assert first.created_at >= restarted + 3 - 0.01, "the downtime counted as quiet"
+    assert len(first.input_instances) == 20
+
+    storescu(daemon.port, series.files[20:])  # the sender finishes the series later
+    jobs = daemon.wait_for_jobs("count-ct", count=2)
+    [second] = [j for j in jobs if j.id != first.id]
+    assert sorted(second.input_instances) == sorted(series.sop_instance_uids)
+    assert second.status == "ok"
+    assert "runs again on the whole series" in daemon.log()
+    store = daemon.store()
+    try:
+        [event] = store.audit_events("series.grown")
+        assert event.data["earlier_job"] == first.id and event.data["job"] == second.id
+    finally:
+        store.close()
+
+    storescu(daemon.port, series.files)  # a re-send of what is held: no third job
+    time.sleep(5)
+    assert len(daemon.jobs("count-ct")) == 2
 
 
 def test_kill9_during_a_job_resumes_without_duplicates(daemon_factory, tmp_path):

@@ -4,7 +4,8 @@ A series is complete for a workflow once no instance arrived for the workflow's 
 period; a study once its required series are all present (each quiet) or its study quiet
 period has passed. Jobs are keyed by (workflow, series | study and its required series): a
 restart, a resend, a second look or a workflow edit never creates a job twice; the job
-records the workflow version it ran.
+records the workflow version it ran. Time before the daemon started never counts as quiet,
+and a series that grows after its job was created runs again (see :class:`Assembler`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from rtauto.config import Settings
 from rtauto.hooks import PluginHost
@@ -25,7 +27,9 @@ from rtauto.workflow.triggers import SeriesFacts, matches_series, series_ready, 
 log = logging.getLogger("rtauto.assembler")
 
 
-def series_facts(row: Series) -> SeriesFacts:
+def series_facts(row: Series, not_before: float = 0.0) -> SeriesFacts:
+    """The trigger's view of a series row; its times are taken no earlier than
+    ``not_before`` (see :class:`Assembler`)."""
     return SeriesFacts(
         series_instance_uid=row.series_uid,
         study_instance_uid=row.study_uid,
@@ -34,10 +38,18 @@ def series_facts(row: Series) -> SeriesFacts:
         calling_ae=row.calling_ae,
         called_ae=row.called_ae,
         source=row.source,
-        first_received=row.first_received,
-        last_received=row.last_received,
+        first_received=max(row.first_received, not_before),
+        last_received=max(row.last_received, not_before),
         instance_count=row.instance_count,
     )
+
+
+def job_key(loaded: LoadedWorkflow, scope: str, study_uid: str, key_series: Sequence[str]) -> str:
+    """The dedupe key of a daemon job: keyed by workflow name, not version (an edit applies
+    to series that complete after it, and a series already matched is not run again because
+    its workflow changed)."""
+    digest = hashlib.sha256("|".join(sorted(key_series)).encode()).hexdigest()[:24]
+    return f"{loaded.workflow.name}:{scope}:{study_uid}:{digest}"
 
 
 def create_job_for(
@@ -59,10 +71,7 @@ def create_job_for(
     ``input_instances`` limits the job to these instances of its series (see
     :meth:`Store.create_job`)."""
     if dedupe_key is None:
-        digest = hashlib.sha256("|".join(sorted(key_series)).encode()).hexdigest()[:24]
-        # keyed by workflow name, not version: an edit applies to series that complete after
-        # it, and a series already matched is not run again because its workflow changed
-        dedupe_key = f"{loaded.workflow.name}:{scope}:{study_uid}:{digest}"
+        dedupe_key = job_key(loaded, scope, study_uid, key_series)
     return store.create_job(
         dedupe_key=dedupe_key,
         workflow_name=loaded.workflow.name,
@@ -81,7 +90,18 @@ def create_job_for(
 
 
 class Assembler:
-    """Turns quiet series and studies into jobs of the workflows whose triggers match."""
+    """Turns quiet series and studies into jobs of the workflows whose triggers match.
+
+    ``started``: when this daemon started. Time before it never counts as quiet (nor as
+    waiting, for ``max_wait``): a series whose sender was cut off by a crash or a restart of
+    the daemon gets its whole quiet period afresh, for the sender to send the rest, instead
+    of running at once on what had arrived.
+
+    A series-scoped job reads the instances the series held when the job was created. When
+    more instances of the series arrive after that (a sender that finishes a cut-off series
+    later), the workflow runs again on the whole series, with a warning: the first job's
+    results were made on part of it.
+    """
 
     def __init__(
         self,
@@ -89,11 +109,13 @@ class Assembler:
         store: Store,
         host: PluginHost,
         workflows: Callable[[], list[LoadedWorkflow]],
+        started: float = 0.0,
     ):
         self.settings = settings
         self.store = store
         self.host = host
         self.workflows = workflows
+        self.started = started
 
     def tick(self, now: float | None = None) -> list[Job]:
         """One pass; returns the jobs created."""
@@ -109,34 +131,21 @@ class Assembler:
         series_workflows = [w for w in workflows if w.workflow.trigger.effective_scope == "series"]
         created = []
         for row in self.store.pending_series():
-            facts = series_facts(row)
+            facts = series_facts(row, self.started)
             waiting = False
+            instances: list[str] | None = None
             for loaded in series_workflows:
                 if not matches_series(loaded.workflow.trigger, facts):
                     continue
                 if not series_ready(loaded.workflow, facts, now, defaults):
                     waiting = True
                     continue
-                job = create_job_for(
-                    self.store,
-                    self.settings,
-                    loaded,
-                    scope="series",
-                    study_uid=row.study_uid,
-                    series_uid=row.series_uid,
-                    input_series=[row.series_uid],
-                    key_series=[row.series_uid],
-                )
+                if instances is None:
+                    instances = [i.sop_uid for i in self.store.instances_of_series(row.series_uid)]
+                job = self._series_job(loaded, row, instances)
                 if job is not None:
-                    log.info(
-                        "job %s: workflow %s on series %s (%d instances)",
-                        job.id[:8],
-                        loaded.workflow.name,
-                        row.series_uid,
-                        row.instance_count,
-                    )
                     created.append(job)
-            quiet = now - row.last_received >= defaults.series_quiet_seconds
+            quiet = now - facts.last_received >= defaults.series_quiet_seconds
             if quiet and not waiting:
                 self.store.mark_series_complete(row.series_uid, now)
                 self.host.notify(
@@ -152,12 +161,66 @@ class Assembler:
                 )
         return created
 
+    def _series_job(self, loaded: LoadedWorkflow, row: Series, instances: list[str]) -> Job | None:
+        """The job of a series-scoped workflow on a quiet series; None when one ran on these
+        instances already."""
+        base = job_key(loaded, "series", row.study_uid, [row.series_uid])
+        kwargs: dict[str, Any] = dict(
+            scope="series",
+            study_uid=row.study_uid,
+            series_uid=row.series_uid,
+            input_series=[row.series_uid],
+            key_series=[row.series_uid],
+            input_instances=instances,
+        )
+        job = create_job_for(self.store, self.settings, loaded, dedupe_key=base, **kwargs)
+        if job is not None:
+            log.info(
+                "job %s: workflow %s on series %s (%d instances)",
+                job.id[:8],
+                loaded.workflow.name,
+                row.series_uid,
+                len(instances),
+            )
+            return job
+        first = self.store.job_by_dedupe_key(base)
+        if first is None or first.input_instances is None:
+            return None  # a job from before rtauto recorded its instances: left alone
+        if set(instances) <= set(first.input_instances):
+            return None  # nothing new (a re-sent instance does not even reach here)
+        # one job per size the series reached: a restart never runs it twice
+        job = create_job_for(
+            self.store, self.settings, loaded, dedupe_key=f"{base}:n{len(instances)}", **kwargs
+        )
+        if job is not None:
+            log.warning(
+                "job %s: series %s has %d instances now, %d when job %s of workflow %s ran "
+                "on it; the workflow runs again on the whole series (the earlier job's "
+                "results were made on part of it)",
+                job.id[:8],
+                row.series_uid,
+                len(instances),
+                len(first.input_instances),
+                first.id[:8],
+                loaded.workflow.name,
+            )
+            self.store.audit(
+                "series.grown",
+                row.series_uid,
+                f"{len(instances)} instances, {len(first.input_instances)} in job {first.id}",
+                job=job.id,
+                earlier_job=first.id,
+            )
+        return job
+
     def _study_pass(self, workflows: list[LoadedWorkflow], now: float) -> list[Job]:
         defaults = self.settings.completion
         study_workflows = [w for w in workflows if w.workflow.trigger.effective_scope == "study"]
         created = []
         for study in self.store.pending_studies():
-            series = [series_facts(s) for s in self.store.series_of_study(study.study_uid)]
+            series = [
+                series_facts(s, self.started) for s in self.store.series_of_study(study.study_uid)
+            ]
             waiting = False
             for loaded in study_workflows:
                 decision = study_readiness(
@@ -165,8 +228,8 @@ class Assembler:
                     series,
                     now,
                     defaults,
-                    study.first_received,
-                    study.last_received,
+                    max(study.first_received, self.started),
+                    max(study.last_received, self.started),
                 )
                 if decision.expired:
                     self.store.audit(
@@ -213,7 +276,7 @@ class Assembler:
                         len(decision.selected),
                     )
                     created.append(job)
-            quiet = now - study.last_received >= defaults.study_quiet_seconds
+            quiet = now - max(study.last_received, self.started) >= defaults.study_quiet_seconds
             if quiet and not waiting:
                 self.store.mark_study_complete(study.study_uid, now)
         return created
