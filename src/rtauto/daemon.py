@@ -99,6 +99,7 @@ class Daemon:
             steps_provider=lambda: self.host.steps,
             known_destinations=lambda: set(settings.destinations),
             destination_types=lambda: self.host.destination_types,
+            keep=settings.home / "workflows.last-good",
         )
         if not Path(settings.workflows_dir).is_dir():
             log.warning(

@@ -382,6 +382,16 @@ steps:
     assert hashes[0] == hashes[1] != hashes[2]
     assert os.path.exists(path)
 
+    # broken while the daemon is stopped: after the start the last good version still runs
+    daemon.stop()
+    daemon.add_workflow("hot", good.replace("with: {seconds: 0}", "with: {seconds: [0"))
+    daemon.start()
+    assert "runs its last good version" in daemon.log()
+    storescu(daemon.port, write_ct_series(tmp_path / "d", rows=32, cols=32, slices=2).files)
+    jobs = daemon.wait_for_jobs("hot", count=4)
+    last = max(jobs, key=lambda j: j.created_at)
+    assert last.workflow_hash == hashes[2] and last.status == "ok"
+
 
 def test_dashboard_api_and_metrics(daemon_factory, tmp_path):
     import json as _json

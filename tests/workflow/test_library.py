@@ -167,3 +167,49 @@ def test_a_missing_folder_is_empty(tmp_path, step_types):
     library = WorkflowLibrary(tmp_path / "nowhere", lambda: step_types)
     assert library.refresh() == []
     assert library.workflows == []
+
+
+def test_a_file_broken_while_the_daemon_was_stopped_runs_its_last_good_version(
+    tmp_path, step_types
+):
+    folder, keep = tmp_path / "workflows", tmp_path / "home" / "workflows.last-good"
+    folder.mkdir()
+    path = folder / "thorax.yaml"
+
+    def start() -> WorkflowLibrary:  # a daemon start: a fresh library on the same home
+        library = WorkflowLibrary(
+            folder, lambda: step_types, known_destinations=lambda: {"tps"}, keep=keep
+        )
+        library.refresh()
+        return library
+
+    write(path, VERSION_2)
+    good = start().get("thorax")
+    write(path, BROKEN)  # edited while the daemon was stopped
+    library = start()
+    running = library.get("thorax")
+    assert running is not None and running.hash == good.hash and running.path == path
+    assert library.errors[path][0].startswith(f"{path}:")  # the edit's problem is shown
+
+    write(path, VERSION_1)  # fixed: the fix runs, and is the version kept from now on
+    library.refresh()
+    assert library.get("thorax").hash == sha(path)
+    write(path, BROKEN)
+    assert start().get("thorax").hash == sha_of_text(VERSION_1)
+
+    path.unlink()  # deleted while stopped, then written again broken: nothing comes back
+    start()
+    write(path, BROKEN)
+    assert start().get("thorax") is None
+
+
+def test_without_a_keep_folder_a_broken_file_at_start_is_refused(tmp_path, step_types):
+    path = tmp_path / "thorax.yaml"
+    write(path, BROKEN)
+    library = WorkflowLibrary(tmp_path, lambda: step_types, known_destinations=lambda: {"tps"})
+    library.refresh()
+    assert library.get("thorax") is None and path in library.errors
+
+
+def sha_of_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -89,6 +89,14 @@ def create_job_for(
     )
 
 
+def _wanted_by(loaded: LoadedWorkflow, facts: SeriesFacts) -> bool:
+    """Whether the workflow's trigger takes the series, or a study workflow requires it."""
+    trigger = loaded.workflow.trigger
+    return matches_series(trigger, facts) or any(
+        r.matches(facts.modality, facts.attributes) for r in trigger.requires
+    )
+
+
 class Assembler:
     """Turns quiet series and studies into jobs of the workflows whose triggers match.
 
@@ -148,6 +156,14 @@ class Assembler:
             quiet = now - facts.last_received >= defaults.series_quiet_seconds
             if quiet and not waiting:
                 self.store.mark_series_complete(row.series_uid, now)
+                if not any(_wanted_by(w, facts) for w in workflows):
+                    log.info(
+                        "series %s (%s, %d instances, from %s) is complete; no workflow takes it",
+                        row.series_uid,
+                        row.modality or "no modality",
+                        row.instance_count,
+                        row.calling_ae or row.source,
+                    )
                 self.host.notify(
                     "rtauto_series_complete",
                     series={

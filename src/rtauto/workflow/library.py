@@ -9,13 +9,20 @@ file's workflow is removed. Two files declaring the same workflow name: the one 
 name first keeps it (on a first scan, the first in file-name order) and the other is refused
 until the name is free again. When the registered step types or the known destinations change,
 every file is checked again.
+
+Given a ``keep`` folder (the daemon's ``HOME/workflows.last-good``), the library also keeps
+each file's last good version there, so that a file broken while the daemon was stopped still
+runs its last good version after the start (with the file's problems logged), as it would
+have had the edit been made while the daemon ran. A deleted file's kept version goes with it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -60,8 +67,10 @@ class WorkflowLibrary:
         steps_provider: Callable[[], Mapping[str, RegisteredStep]],
         known_destinations: Callable[[], set[str]] | None = None,
         destination_types: Callable[[], Mapping[str, DestinationType]] | None = None,
+        keep: Path | None = None,
     ):
         self.folder = Path(folder)
+        self.keep = keep
         self._steps_provider = steps_provider
         self._known_destinations = known_destinations
         self._destination_types = destination_types
@@ -127,10 +136,13 @@ class WorkflowLibrary:
                 return changes
             for path in [p for p in self._entries if p not in files]:
                 entry = self._entries.pop(path)
+                self._forget_kept(path)
                 if entry.good is not None and self._active.get(entry.good.name) is entry.good:
                     changes.append(f"{path}: removed workflow {entry.good.name}")
                 else:
                     changes.append(f"{path}: removed")
+            if self._refreshes == 1:
+                self._forget_kept_except(files)
             loads: list[tuple[Path, str]] = []
             for path in files:
                 message = self._refresh_file(path, steps, known, force=recheck)
@@ -189,6 +201,7 @@ class WorkflowLibrary:
             if previous is None or previous.name != loaded.name:
                 entry.since = self._refreshes
             entry.good = loaded
+            self._keep(path, text)
             if previous is None:
                 return f"{path}: loaded workflow {loaded.name} ({digest[:12]})"
             return (
@@ -199,12 +212,66 @@ class WorkflowLibrary:
         entry.problems = problems
         for line in problems:
             log.error("%s", line)
+        if entry.good is None and (kept := self._kept(path, steps, known)) is not None:
+            entry.good, entry.since = kept, self._refreshes
+            return (
+                f"{path}: refused ({len(problems)} problem(s)); workflow {kept.name} runs its "
+                f"last good version {kept.hash[:12]}, kept from before the daemon started"
+            )
         if entry.good is not None:
             return (
                 f"{path}: edit refused ({len(problems)} problem(s)); workflow "
                 f"{entry.good.name} keeps running version {entry.good.hash[:12]}"
             )
         return f"{path}: refused ({len(problems)} problem(s))"
+
+    # -- the last good versions, kept across restarts ----------------------------------------
+    def _kept_file(self, path: Path) -> Path | None:
+        if self.keep is None:
+            return None
+        key = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:24]
+        return self.keep / f"{key}.json"
+
+    def _keep(self, path: Path, text: str) -> None:
+        kept = self._kept_file(path)
+        if kept is None:
+            return
+        try:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            tmp = kept.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"path": str(path.absolute()), "text": text}))
+            os.replace(tmp, kept)
+        except OSError as exc:
+            log.warning("cannot keep the last good version of %s: %s", path, exc)
+
+    def _forget_kept(self, path: Path) -> None:
+        kept = self._kept_file(path)
+        if kept is not None:
+            kept.unlink(missing_ok=True)
+
+    def _forget_kept_except(self, files: list[Path]) -> None:
+        """Drop the kept versions of files deleted while the daemon was stopped."""
+        if self.keep is None or not self.keep.is_dir():
+            return
+        wanted = {self._kept_file(path) for path in files}
+        for kept in self.keep.glob("*.json"):
+            if kept not in wanted:
+                kept.unlink(missing_ok=True)
+
+    def _kept(
+        self, path: Path, steps: Mapping[str, RegisteredStep], known: set[str] | None
+    ) -> LoadedWorkflow | None:
+        """The version of ``path`` that last loaded, if kept and still valid."""
+        kept = self._kept_file(path)
+        if kept is None or not kept.is_file():
+            return None
+        try:
+            data = json.loads(kept.read_text())
+            loaded = load_workflow_text(data["text"], str(path), steps, known, self._types)
+        except (OSError, ValueError, KeyError, WorkflowError) as exc:
+            log.warning("the kept last good version of %s cannot be used: %s", path, exc)
+            return None
+        return dataclasses.replace(loaded, path=path)
 
     def _assign_names(self) -> list[str]:
         """Give each name to the file that held it first; refuse the others."""
