@@ -17,7 +17,13 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_daily_image_is_registered_to_the_planning_ct_held_in_the_store(daemon_factory, tmp_path):
+@pytest.mark.parametrize("quality", ["passed", "failed"])
+def test_daily_image_is_registered_to_the_planning_ct_held_in_the_store(
+    daemon_factory, tmp_path, quality
+):
+    """A 5 mm shift is beyond the action level (an alert), but a registration whose quality
+    checks passed still goes to the TPS, after the image it references; one that failed a
+    check (here an impossible inverse-consistency limit) goes nowhere but the alerts."""
     pytest.importorskip(
         "rtauto_image_guidance", reason="the image_guidance plugin is not installed"
     )
@@ -47,6 +53,11 @@ def test_daily_image_is_registered_to_the_planning_ct_held_in_the_store(daemon_f
     results.mkdir()
     text = (ROOT / "workflows" / "igrt-rigid.yaml").read_text()
     text = text.replace("series_quiet: 10s", "series_quiet: 1s")
+    if quality == "failed":
+        text = text.replace(
+            "outputs: [reg, report]",
+            "outputs: [reg, report]\n      quality: {max_inverse_consistency_mm: 1.0e-9}",
+        )
     text = text.replace("{path: igrt-results,", f"{{path: {results},")
     text = text.replace("{path: igrt-alerts,", f"{{path: {alerts},")
     with ReceivingSCP(tmp_path / "tps", ae_title="TPS") as tps:
@@ -61,7 +72,8 @@ def test_daily_image_is_registered_to_the_planning_ct_held_in_the_store(daemon_f
         storescu(daemon.port, daily.files)
         [job] = daemon.wait_for_jobs("igrt-rigid", timeout=300)
         assert job.status == "ok", daemon.log()[-4000:]
-        wait_until(lambda: tps.received, timeout=30)
+        if quality == "passed":
+            wait_until(lambda: len(tps.received) == len(daily.files) + 1, timeout=30)
         received = list(tps.received)
 
     store = daemon.store()
@@ -76,10 +88,18 @@ def test_daily_image_is_registered_to_the_planning_ct_held_in_the_store(daemon_f
     assert outputs["outcome"] == "flag"  # 5 mm is beyond the 3 mm action level
     assert steps["alert"].status == "ok"
     assert any(alerts.iterdir())
-    [reg_uid] = received
     [reg_artifact] = [a for a in store.artifacts_of(job.id, "register") if a.kind == "REG"]
     reg = pydicom.dcmread(reg_artifact.path)
-    assert reg.SOPInstanceUID == reg_uid
+    if quality == "failed":
+        assert outputs["quality_ok"] is False
+        assert any("inverse consistency" in f for f in outputs["flags"])
+        assert steps["send-image"].status == steps["send"].status == "skipped"
+        assert received == []
+        return
+    assert outputs["quality_ok"] is True
+    # the image of the day first, then the REG that references it
+    assert sorted(received[:-1]) == sorted(daily.sop_instance_uids)
+    assert received[-1] == reg.SOPInstanceUID
     referenced = {
         s.SeriesInstanceUID
         for study in getattr(reg, "StudiesContainingOtherReferencedInstancesSequence", [])

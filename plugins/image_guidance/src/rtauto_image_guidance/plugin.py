@@ -117,6 +117,8 @@ REGISTER_OUTPUTS = {
     "couch_shift": "lateral_mm, longitudinal_mm, vertical_mm, pitch_deg, roll_deg, yaw_deg "
     "(IEC 61217)",
     "quality": "similarity before/after, overlap, inverse consistency, Jacobian range",
+    "quality_ok": "true when every quality check of the registration passed (a shift beyond "
+    "the action levels aside): the registration itself can be trusted",
     "flags": "why the outcome is flag",
     "reference_series_uid": "the reference series found",
     "isocenter_mm": "the point couch rotations turn about (patient coordinates)",
@@ -233,6 +235,7 @@ def register_images(ctx: StepContext, params: RegisterParams) -> StepResult:
                 f"outside {low}..{high}"
             )
 
+    quality_ok = not flags  # the checks of the registration itself; a large shift is not one
     shift = None
     if params.couch_shift:
         shift = couch_shift(rigid.fixed_to_moving, isocenter, daily.patient_position)
@@ -299,6 +302,7 @@ def register_images(ctx: StepContext, params: RegisterParams) -> StepResult:
 
     outputs: dict[str, object] = {
         "outcome": outcome,
+        "quality_ok": quality_ok,
         "flags": flags,
         "couch_shift": shift.to_json() if shift else None,
         "quality": quality,
