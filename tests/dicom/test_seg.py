@@ -119,3 +119,27 @@ def test_a_japanese_character_set_and_an_unknown_sex_are_carried_over(
         assert "山田^太郎" in str(written.PatientName)
         assert written.PatientSex == ""  # U is not an enumerated value: unknown
     assert read_rtstruct(rs_path, volume)[0][0].mask.sum() == body.mask.sum()
+
+
+def test_a_series_without_slice_thickness_gets_its_slice_spacing(
+    tmp_path: Path, dicom_checks
+) -> None:
+    import pydicom
+
+    series = write_ct_series(tmp_path / "ct", rows=16, cols=16, slices=4, spacing=(1.0, 1.0, 2.5))
+    for path in series.files:  # Type 2: an empty value is legal in the CT
+        ds = pydicom.dcmread(path)
+        ds.SliceThickness = None
+        ds.save_as(path)
+    before = [path.read_bytes() for path in series.files]
+    volume = load_series(series.files)
+    mask = np.zeros(volume.shape, bool)
+    mask[1:3, 4:12, 4:12] = True
+    path = tmp_path / "seg.dcm"
+    write_seg(volume, [Structure("BODY", mask)], path)
+    assert dicom_checks.dciodvfy_errors(path) == []
+    seg = pydicom.dcmread(path)
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == pytest.approx(2.5)
+    assert [p.read_bytes() for p in series.files] == before  # the images are not touched
+    assert "SliceThickness" in volume.headers[0] and not volume.headers[0].SliceThickness

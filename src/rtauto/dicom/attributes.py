@@ -27,10 +27,14 @@ def utf8_header(header: Dataset) -> Dataset:
     declared as UTF-8 (``ISO_IR 192``), with Patient's Sex normalised. The source dataset's
     values are decoded in place (which changes nothing it holds); pixel data is shared."""
     header.decode()  # every text value to str, read with the source's own character set
-    copy = Dataset(header)
-    copy.SpecificCharacterSet = "ISO_IR 192"
+    # a new element dict (Dataset(header) would share the header's own) holding the same
+    # elements: what changes below is a new element, so the received header stays as it was
+    copy = Dataset()
+    for element in header:
+        copy.add(element)
+    copy.add_new(0x00080005, "CS", "ISO_IR 192")  # SpecificCharacterSet
     if "PatientSex" in copy:
-        copy.PatientSex = patient_sex(header)
+        copy.add_new(0x00100040, "CS", patient_sex(header))
     if hasattr(header, "file_meta"):
         copy.file_meta = header.file_meta
     return copy

@@ -76,6 +76,12 @@ def write_seg(
     images = [utf8_header(image) for image in (source_images or volume.headers)]
     if len(images) != volume.shape[0]:
         raise GeometryError("SEG needs one source image per slice of the volume")
+    for image in images:
+        if not image.get("SliceThickness"):
+            # Type 2 in the image, required in the SEG's Pixel Measures: a series that leaves
+            # it empty gets the distance between its slices (in these copies only)
+            # (a new element: the copy shares its elements with the received header)
+            image.add_new(0x00180050, "DS", round(float(volume.spacing[2]), 6))
     if not structures:
         raise ValueError("a SEG needs at least one structure")
     labels = np.zeros(volume.shape, dtype=np.uint8 if len(structures) < 256 else np.uint16)
