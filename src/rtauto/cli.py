@@ -615,16 +615,18 @@ def replay(
     """Deliver a job's results again (to the same destinations, or to --to)."""
     from rtauto.route.replay import replay_job
 
-    settings = _settings(config, home)
-    store = _store(settings, existing=True)
-    host = _host(settings)
-    job = store.get_job(job_id)
-    if job is None:
-        _die(f"rtauto replay: no job {job_id}", 1)
+    settings, store, host, job = _job_of("replay", job_id, config, home)
     try:
         rows = replay_job(store, settings, host, job.id, destination=to)
     except RtautoError as exc:
         _die(f"rtauto replay: {exc}", 1)
+    if not rows:
+        why = f" (it ended {job.status.upper()}: {job.error})" if job.error else ""
+        _die(
+            f"rtauto replay: job {job.id[:8]} delivered nothing that could be sent again{why}; "
+            f"`rtauto rerun {job.id[:8]}` runs its workflow again",
+            1,
+        )
     failed = 0
     for row in rows:
         failed += row.status != "delivered"
@@ -633,7 +635,86 @@ def replay(
     raise typer.Exit(1 if failed else 0)
 
 
-CORE_COMMANDS = frozenset({"serve", "run", "validate", "schema", "plugins", "jobs", "replay"})
+def _job_of(
+    command: str, job_id: str, config: Path | None, home: Path | None
+) -> tuple[Settings, Any, Any, Any]:
+    """Settings, store, plugin host and the job (a unique id prefix will do) of a command
+    that acts on one job; dies when there is no such job."""
+    settings = _settings(config, home)
+    store = _store(settings, existing=True)
+    host = _host(settings)
+    job = store.get_job(job_id)
+    if job is None:
+        _die(f"rtauto {command}: no job {job_id}", 1)
+    return settings, store, host, job
+
+
+@app.command()
+def rerun(
+    job_id: Annotated[str, typer.Argument(help="the job to run again")],
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Run a job's workflow again, as a new job, on every instance its series hold now.
+
+    For a job that failed (a destination fixed since, a series that was incomplete) or that
+    ran on part of a series. The new job runs the same workflow version as the old one and
+    is run by the daemon on this home (at its next start, when none runs now).
+    """
+    from rtauto.daemon import STATE_FILE
+    from rtauto.workflow import load_workflow_text
+
+    settings, store, host, job = _job_of("rerun", job_id, config, home)
+    try:
+        loaded = load_workflow_text(
+            job.workflow_text, job.workflow_path or job.workflow_name, host.steps
+        )
+    except WorkflowError as exc:
+        _die(f"rtauto rerun: the workflow version of job {job.id[:8]} no longer loads: {exc}", 1)
+    instances = [i.sop_uid for uid in job.input_series for i in store.instances_of_series(uid)]
+    if not instances:
+        _die(f"rtauto rerun: the store holds no instance of job {job.id[:8]}'s series", 1)
+    new = store.create_job(
+        dedupe_key=f"rerun:{uuid.uuid4().hex}",
+        workflow_name=job.workflow_name,
+        workflow_hash=job.workflow_hash,
+        workflow_text=job.workflow_text,
+        workflow_path=job.workflow_path,
+        scope=job.scope,
+        study_uid=job.study_uid,
+        series_uid=job.series_uid,
+        input_series=list(job.input_series),
+        step_ids=[(spec.id, spec.uses) for spec in loaded.workflow.steps],
+        jobs_dir=settings.jobs_dir,
+        input_instances=instances,
+    )
+    assert new is not None  # a fresh key
+    store.audit("job.rerun", new.id, f"run again from job {job.id}", earlier_job=job.id)
+    before = (
+        "what its series held then"
+        if job.input_instances is None
+        else f"{len(job.input_instances)} instance(s)"
+    )
+    typer.echo(
+        f"job {new.id[:8]}: workflow {job.workflow_name} again, on {len(instances)} "
+        f"instance(s) (job {job.id[:8]} ran on {before})"
+    )
+    if not _daemon_running(settings.home / STATE_FILE):
+        typer.echo("no daemon runs on this home now: the job runs when `rtauto serve` starts")
+
+
+def _daemon_running(state: Path) -> bool:
+    try:
+        pid = int(json.loads(state.read_text())["pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+CORE_COMMANDS = frozenset(
+    {"serve", "run", "validate", "schema", "plugins", "jobs", "replay", "rerun"}
+)
 
 
 def add_plugin_commands(target: typer.Typer, host: Any = None) -> list[str]:

@@ -261,3 +261,67 @@ def test_reading_commands_refuse_a_home_without_a_job_store(tmp_path):
         assert result.returncode == 1
         assert f"no job store at {typo / 'rtauto.db'}" in result.stderr
     assert not typo.exists()  # nothing was created where the mistyped home points
+
+
+def test_rerun_runs_a_job_again_on_what_its_series_hold_now_and_replay_points_to_it(
+    tmp_path: Path,
+) -> None:
+    import pydicom
+
+    from rtauto.config import Settings
+    from rtauto.engine.engine import Engine
+    from rtauto.store import Store
+
+    workflow = tmp_path / "body.yaml"
+    workflow.write_text(
+        "name: body\ntrigger: {modality: CT}\nsteps:\n"
+        "  - {id: body, uses: autocontour.threshold, with: {structures: [BODY]}}\n"
+    )
+    series = write_ct_series(tmp_path / "ct", rows=32, cols=32, slices=5)
+    out = tmp_path / "out"
+    home = out / ".rtauto"
+    first = rtauto("run", str(workflow), *map(str, series.files[:3]), "--out", str(out), "--json")
+    assert first.returncode == 0, first.stderr
+    partial = json.loads(first.stdout)["job"]
+    rest = rtauto(
+        "run",
+        str(workflow),
+        *map(str, series.files[3:]),
+        "--out",
+        str(tmp_path / "o2"),
+        "--home",
+        str(home),
+        "--json",
+    )
+    assert rest.returncode == 0, rest.stderr  # the home now holds all 5 slices of the series
+
+    replayed = rtauto("replay", partial, "--home", str(home))
+    assert replayed.returncode == 1
+    assert "delivered nothing that could be sent again" in replayed.stderr
+    assert f"rtauto rerun {partial[:8]}" in replayed.stderr
+
+    result = rtauto("rerun", partial[:8], "--home", str(home))
+    assert result.returncode == 0, result.stderr
+    assert "on 5 instance(s) (job" in result.stdout and "ran on 3 instance(s)" in result.stdout
+    assert "no daemon runs on this home" in result.stdout
+    new_id = result.stdout.split()[1].rstrip(":")
+
+    settings = Settings(home=home)
+    store = Store(settings.database_url)
+    try:
+        new = store.get_job(new_id)
+        assert new.status == "pending" and len(new.input_instances) == 5
+        engine = Engine(settings, store, build_plugin_manager(settings))
+        try:
+            engine.run_until_done([new.id])
+        finally:
+            engine.close()
+        assert store.get_job(new.id).status == "ok"
+        [rtstruct] = [a.path for a in store.artifacts_of(new.id) if a.kind == "RTSTRUCT"]
+        ds = pydicom.dcmread(rtstruct)
+        frame = ds.ReferencedFrameOfReferenceSequence[0]
+        images = frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+        assert len(images.ContourImageSequence) == 5
+        assert [e.kind for e in store.audit_events("job.rerun")] == ["job.rerun"]
+    finally:
+        store.close()

@@ -42,3 +42,50 @@ def test_ingest_pause_below_the_free_space_reserve_is_shown(tmp_path: Path):
         assert client.get("/api/status").json()["ingest_paused"] is False
     finally:
         store.close()
+
+
+def test_metrics_name_every_job_and_delivery_status_and_dead_letters_are_listed(tmp_path: Path):
+    settings = Settings(home=tmp_path / "home")
+    client, store = _client(settings)
+    try:
+        metrics = client.get("/metrics").text
+        # a fresh daemon: zeros, so an alert on failures sees 0 rather than nothing
+        for status in ("pending", "running", "ok", "fail"):
+            assert f'rtauto_jobs{{status="{status}"}} 0' in metrics
+        assert 'rtauto_deliveries{status="dead"} 0' in metrics
+        assert client.get("/api/dead-letters").json() == []
+
+        from rtauto.store.models import Delivery
+
+        job = store.create_job(
+            dedupe_key="k",
+            workflow_name="w",
+            workflow_hash="0" * 64,
+            workflow_text="",
+            workflow_path="",
+            scope="series",
+            study_uid="1.2",
+            series_uid="1.2.1",
+            input_series=["1.2.1"],
+            step_ids=[("send", "route.dicom")],
+            jobs_dir=settings.jobs_dir,
+        )
+        with store.session() as s:
+            s.add(
+                Delivery(
+                    job_id=job.id,
+                    step_id="send",
+                    item_key="1.2.3",
+                    path="/x/RS.dcm",
+                    destination="tps",
+                    status="dead",
+                    attempts=3,
+                    last_error="TPS@127.0.0.1:104: cannot connect",
+                    updated_at=1.0,
+                )
+            )
+        assert 'rtauto_deliveries{status="dead"} 1' in client.get("/metrics").text
+        [dead] = client.get("/api/dead-letters").json()
+        assert dead["destination"] == "tps" and "cannot connect" in dead["error"]
+    finally:
+        store.close()

@@ -107,7 +107,8 @@ def _metrics(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) -
         "rtauto_jobs",
         "gauge",
         "jobs by status",
-        ((f'{{status="{k}"}}', v) for k, v in sorted(status["jobs"].items())),
+        # every status, 0 included: an alert on rtauto_jobs{status="fail"} sees 0, not nothing
+        ((f'{{status="{k}"}}', v) for k, v in _every(status["jobs"], JOB_STATUSES)),
     )
     family(
         "rtauto_steps",
@@ -131,7 +132,7 @@ def _metrics(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) -
         "rtauto_deliveries",
         "gauge",
         "deliveries by status (dead: the dead-letter list)",
-        ((f'{{status="{k}"}}', v) for k, v in sorted(status["deliveries"].items())),
+        ((f'{{status="{k}"}}', v) for k, v in _every(status["deliveries"], DELIVERY_STATUSES)),
     )
     family(
         "rtauto_workflows_loaded",
@@ -152,6 +153,15 @@ def _metrics(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) -
         iter([("", 1 if time.time() - status.get("last_tick", 0) < 30 else 0)]),
     )
     return "\n".join(lines) + "\n"
+
+
+JOB_STATUSES = ("pending", "running", "ok", "fail")
+DELIVERY_STATUSES = ("pending", "sending", "delivered", "failed", "dead")
+
+
+def _every(counts: dict[str, int], known: tuple[str, ...]) -> list[tuple[str, int]]:
+    """``counts`` with a 0 for each known status it lacks, sorted by status."""
+    return sorted({**dict.fromkeys(known, 0), **counts}.items())
 
 
 def _size(count: int) -> str:
@@ -225,6 +235,23 @@ def create_app(
             ],
             "errors": {str(k): v for k, v in workflow_errors().items()},
         }
+
+    @app.get("/api/dead-letters")
+    def api_dead_letters() -> list[dict[str, Any]]:
+        """Items routing gave up on: what, where to, why (``rtauto replay JOB`` sends again)."""
+        return [
+            {
+                "job": d.job_id,
+                "step": d.step_id,
+                "destination": d.destination,
+                "item": d.item_key,
+                "path": d.path,
+                "attempts": d.attempts,
+                "error": d.last_error,
+                "updated_at": d.updated_at,
+            }
+            for d in sorted(store.dead_letters(), key=lambda d: d.updated_at, reverse=True)
+        ]
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> str:
