@@ -149,7 +149,7 @@ def serve(
     from rtauto.daemon import Daemon
 
     try:
-        Daemon(settings).serve_forever()
+        Daemon(settings, config_path=config).serve_forever()
     except RtautoError as exc:
         _die(f"rtauto: {exc}", 1)
 
@@ -483,7 +483,11 @@ def validate(
 
     settings = _settings(config, home)
     host = _host(settings)
-    problems = validate_paths(
+    from rtauto.workflow.loader import check_configured_destinations
+
+    problems = check_configured_destinations(
+        settings.destinations, host.destination_types, config
+    ) + validate_paths(
         files,
         host.steps,
         known_destinations=set(settings.destinations),

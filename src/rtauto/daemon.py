@@ -16,7 +16,7 @@ from typing import Any
 from rtauto import __version__
 from rtauto.config import Settings
 from rtauto.engine.engine import Engine
-from rtauto.errors import RtautoError
+from rtauto.errors import ConfigError, RtautoError
 from rtauto.hooks import PluginHost, build_plugin_manager
 from rtauto.hooks.manager import failure_summary, forget_plugin_modules, plugin_fingerprint
 from rtauto.ingest.assembler import Assembler
@@ -24,6 +24,7 @@ from rtauto.locks import exclusive_lock
 from rtauto.store import Store
 from rtauto.uids import set_uid_root
 from rtauto.workflow.library import WorkflowLibrary
+from rtauto.workflow.loader import check_configured_destinations
 
 log = logging.getLogger("rtauto.daemon")
 
@@ -34,8 +35,11 @@ LOCK_FILE = "daemon.lock"
 class Daemon:
     """Everything ``rtauto serve`` runs. ``start()`` returns once the SCP accepts associations."""
 
-    def __init__(self, settings: Settings, host: PluginHost | None = None):
+    def __init__(
+        self, settings: Settings, host: PluginHost | None = None, config_path: Path | None = None
+    ):
         self.settings = settings
+        self.config_path = config_path  # where problems of the configuration point
         self.host = host or build_plugin_manager(settings)
         self.store: Store | None = None
         self.engine: Engine | None = None
@@ -90,6 +94,13 @@ class Daemon:
         set_uid_root(settings.uid_root)
         for name, reason in self.host.failures.items():
             log.error("plugin %s is disabled: %s", name, failure_summary(reason))
+        # a destination with a typo would otherwise fail only when a job routes to it, after
+        # the contouring: refuse to start instead
+        problems = check_configured_destinations(
+            settings.destinations, self.host.destination_types, self.config_path
+        )
+        if problems:
+            raise ConfigError("\n".join(problems))
         self.store = Store(settings.database_url, migrate=True)
         recovered = Spool(settings).reconcile(self.store)
         if recovered:

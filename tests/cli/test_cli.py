@@ -325,3 +325,36 @@ def test_rerun_runs_a_job_again_on_what_its_series_hold_now_and_replay_points_to
         assert [e.kind for e in store.audit_events("job.rerun")] == ["job.rerun"]
     finally:
         store.close()
+
+
+def test_a_configured_destination_with_a_typo_is_refused_by_validate_and_serve(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "rtauto.yaml"
+    config.write_text(
+        f"home: {tmp_path / 'home'}\n"
+        "scp: {port: 0}\n"
+        "destinations:\n"
+        "  results: {path: /tmp}\n"
+        "  tps2: {ae_title: TPS2, host: 127.0.0.1, prt: 104}\n"
+    )
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    checked = rtauto("validate", "--config", str(config), str(workflows))
+    assert checked.returncode == 1
+    lines = checked.stdout.splitlines()
+    assert any(
+        line.startswith(f"{config}:5:") and "tps2" in line and "prt" in line for line in lines
+    ), checked.stdout
+    assert any(line.startswith(f"{config}:5:") and "port" in line for line in lines)
+    assert not any("results" in line for line in lines)
+
+    served = subprocess.run(
+        [sys.executable, "-m", "rtauto.cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert served.returncode == 1
+    assert f"{config}:5:" in served.stderr and "prt" in served.stderr

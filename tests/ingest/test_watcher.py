@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import warnings
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pydicom
 import pytest
 
 from rtauto.config import Settings, WatchFolder
+from rtauto.errors import RtautoError
 from rtauto.ingest.watcher import FolderWatcher
 from rtauto.store import Store
 from rtauto.testing import SyntheticSeries, wait_until
@@ -255,3 +257,25 @@ def test_files_wait_in_their_folder_while_the_disk_is_below_its_reserve(
         wait_until(lambda: watcher.ingested == 1)
     assert store.has_instance(ct_series.sop_instance_uids[0])
     assert "drop folders are read again" in caplog.text
+
+
+def test_a_missing_drop_folder_is_made_only_where_its_parent_exists(tmp_path: Path, caplog):
+    settings = Settings(home=tmp_path / "home")
+    settings.ensure_dirs()
+    store = Store(settings.database_url, migrate=True)
+    try:
+        share = tmp_path / "share" / "drop"  # the share is not mounted: its folder is missing
+        settings.watch = [WatchFolder(path=share)]
+        with pytest.raises(RtautoError, match="does not exist, nor does"):
+            FolderWatcher(settings, store.url).start()
+        assert not share.parent.exists()  # nothing made in its place
+
+        local = tmp_path / "drop-new"
+        with (
+            caplog.at_level(logging.WARNING, logger="rtauto.ingest.watcher"),
+            watching(settings, store, local),
+        ):
+            assert local.is_dir()
+        assert "did not exist; created it" in caplog.text
+    finally:
+        store.close()

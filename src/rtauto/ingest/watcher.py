@@ -33,7 +33,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from rtauto.config import Settings, WatchFolder
-from rtauto.errors import IngestError
+from rtauto.errors import IngestError, RtautoError
 from rtauto.ingest.spool import Spool, SpoolFull
 from rtauto.store import Store
 
@@ -80,6 +80,21 @@ class _Events(FileSystemEventHandler):
             self.watcher._forget(Path(os.fsdecode(event.src_path)))
 
 
+def _ensure_watch_folder(path: Path) -> None:
+    """A missing drop folder is made when the folder it lies in exists; when that one is
+    missing too (a share that is not mounted, a typo) the watcher refuses to start, rather
+    than watch a local folder that nothing ever writes to."""
+    if path.is_dir():
+        return
+    if not path.parent.is_dir():
+        raise RtautoError(
+            f"watch folder {path} does not exist, nor does {path.parent}: is a share not "
+            "mounted, or the path mistyped?"
+        )
+    path.mkdir(exist_ok=True)
+    log.warning("watch folder %s did not exist; created it", path)
+
+
 class FolderWatcher:
     """Ingests files dropped into ``settings.watch`` folders; ``start()`` / ``stop()``."""
 
@@ -105,7 +120,8 @@ class FolderWatcher:
         self.store = Store(self.store_url)
         self._stopping.clear()
         for folder in self.settings.watch:
-            folder.path.mkdir(parents=True, exist_ok=True)
+            _ensure_watch_folder(folder.path)
+        for folder in self.settings.watch:
             observer = Observer()
             observer.schedule(_Events(self, folder), str(folder.path), recursive=folder.recursive)
             observer.start()

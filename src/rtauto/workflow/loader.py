@@ -39,7 +39,13 @@ if TYPE_CHECKING:
     from rtauto.destinations import DestinationType
     from rtauto.hooks.manager import RegisteredStep
 
-__all__ = ["LoadedWorkflow", "load_workflow", "load_workflow_text", "validate_paths"]
+__all__ = [
+    "LoadedWorkflow",
+    "check_configured_destinations",
+    "load_workflow",
+    "load_workflow_text",
+    "validate_paths",
+]
 
 Loc = tuple[str | int, ...]
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
@@ -630,6 +636,29 @@ def _check_destination_block(
         label = f"destination {name!r} ({type_name}): "
         return _pydantic_problems(exc, root, destination_type.config, loc, label, hide=2)
     return []
+
+
+def check_configured_destinations(
+    destinations: Mapping[str, Any],
+    types: Mapping[str, DestinationType],
+    config_path: Path | None = None,
+) -> list[str]:
+    """The daemon configuration's ``destinations:`` checked against their types, as a
+    workflow's are: ``file:line:column: message`` lines (empty: all valid). Without
+    ``config_path`` (or when it cannot be read) the problems name the destination only."""
+    root: yaml.Node | None = None
+    if config_path is not None:
+        try:
+            root = yaml.compose(Path(config_path).read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+        except (OSError, yaml.YAMLError):
+            root = None
+    source = str(config_path) if config_path is not None else "configuration"
+    empty = yaml.compose("{}")  # no file to point into: every problem is at 1:1
+    problems: list[str] = []
+    for name, block in sorted(destinations.items()):
+        found = _check_destination_block(root if root is not None else empty, name, block, types)
+        problems.extend(problem.format(source) for problem in found)
+    return problems
 
 
 _PLAIN_NUMBER_TAGS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
