@@ -208,6 +208,16 @@ def _print_job(summary: dict[str, Any]) -> None:
         typer.echo(line)
         for path in step["artifacts"]:
             typer.echo(f"      -> {path}")
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for delivery in summary.get("deliveries", []):
+        key = (delivery["step"], delivery["destination"], delivery["status"])
+        groups.setdefault(key, []).append(delivery)
+    if groups:
+        typer.echo("  deliveries:")
+    for (step_id, destination, status), items in sorted(groups.items()):
+        errors = sorted({d["error"].splitlines()[0] for d in items if d.get("error")})
+        why = f"  ({errors[0]})" if errors and status != "delivered" else ""
+        typer.echo(f"    {step_id} -> {destination}: {len(items)} {status}{why}")
 
 
 @app.command()

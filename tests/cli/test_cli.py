@@ -191,6 +191,10 @@ def test_run_dry_run_reaches_no_destination_and_shows_what_would_go(tmp_path):
         assert {d["destination"] for d in job["deliveries"]} == {
             f"folder:{(out / 'dry-run' / name).resolve()}" for name in ("tps", "folder-share")
         }
+        text = rtauto("jobs", summary["job"], "--home", home).stdout  # deliveries shown
+        stand_in = (out / "dry-run" / "tps").resolve()
+        assert "  deliveries:\n    share -> folder:" in text
+        assert f"    tps -> folder:{stand_in}: 3 delivered" in text
         replayed = rtauto("replay", summary["job"], "--home", home)
         assert replayed.returncode == 0, replayed.stderr
         assert tps.received == [] and list(share.iterdir()) == []

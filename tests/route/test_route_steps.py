@@ -283,6 +283,17 @@ def test_route_folder_by_name_with_a_modality_filter(make_context, kit, rtstruct
     assert len(list(target.rglob("*.dcm"))) == 1
 
 
+def test_a_named_folder_destination_with_a_relative_path_is_made_under_home(
+    make_context, kit, rtstruct, tmp_path
+):
+    # relative: inside rtauto's own home, a missing folder cannot be a share not mounted
+    make_context.add("results", path="autocontour-results")
+    ctx = make_context(artifacts={"contour": [kit.dicom_artifact(rtstruct)]}, store=False)
+    result = route_folder(ctx, RouteFolderParams(destination="results"))
+    assert result.outputs["delivered"] == 1
+    assert len(list((tmp_path / "home" / "autocontour-results").glob("*.dcm"))) == 1
+
+
 def test_route_send_to_a_dicom_destination_sends_only_dicom(
     make_context, kit, rtstruct, report, tmp_path
 ):

@@ -9,6 +9,7 @@ dead-letter list that ``rtauto replay`` works from); its records at alternates s
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -60,10 +61,15 @@ class ResolvedDestination:
 
 
 def _absolute_folder(config: BaseModel, base: Path | None) -> BaseModel:
-    """A folder destination's relative ``path`` taken relative to ``base`` (rtauto's home)."""
+    """A folder destination's relative ``path`` taken relative to ``base`` (rtauto's home),
+    and made there when missing: inside rtauto's own home it cannot be a share that is not
+    mounted (an absolute path that is missing is one, and waits for it)."""
     path = getattr(config, "path", None)
     if isinstance(path, Path) and not path.is_absolute() and base is not None:
-        return config.model_copy(update={"path": (base / path).resolve()})
+        absolute = (base / path).resolve()
+        with contextlib.suppress(OSError):  # unwritable: the delivery says why
+            absolute.mkdir(parents=True, exist_ok=True)
+        return config.model_copy(update={"path": absolute})
     return config
 
 
