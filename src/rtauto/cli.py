@@ -483,18 +483,20 @@ def batch(
 
 @app.command()
 def validate(
-    files: Annotated[list[Path], typer.Argument(help="workflow files or folders")],
+    files: Annotated[list[Path] | None, typer.Argument(help="workflow files or folders")] = None,
     config: ConfigOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Check workflow files: prints file:line:column: message for each problem."""
+    """Check workflow files, and with --config the configuration's destinations: prints
+    file:line:column: message for each problem."""
     from rtauto.workflow import validate_paths
-    from rtauto.workflow.loader import workflow_files
+    from rtauto.workflow.loader import check_configured_destinations, workflow_files
 
+    files = files or []
+    if not files and config is None:
+        _die("rtauto validate: give workflow files or folders, or --config FILE")
     settings = _settings(config, home)
     host = _host(settings)
-    from rtauto.workflow.loader import check_configured_destinations
-
     problems = check_configured_destinations(
         settings.destinations, host.destination_types, config
     ) + validate_paths(
@@ -508,7 +510,10 @@ def validate(
     if problems:
         raise typer.Exit(1)
     count = sum(len(workflow_files(f)) if f.is_dir() else 1 for f in files)
-    typer.echo(f"{count} workflow file(s) valid")
+    checked = [f"{count} workflow file(s)"] if files else []
+    if config is not None:
+        checked.append(f"the destinations of {config}")
+    typer.echo(" and ".join(checked) + " valid")
 
 
 @app.command()
@@ -635,6 +640,8 @@ def replay(
     except RtautoError as exc:
         _die(f"rtauto replay: {exc}", 1)
     if not rows:
+        if job.status not in ("ok", "fail"):
+            _die(f"rtauto replay: job {job.id[:8]} is still {job.status}: nothing to send yet", 1)
         why = f" (it ended {job.status.upper()}: {job.error})" if job.error else ""
         _die(
             f"rtauto replay: job {job.id[:8]} delivered nothing that could be sent again{why}; "
@@ -679,6 +686,16 @@ def rerun(
     from rtauto.workflow import load_workflow_text
 
     settings, store, host, job = _job_of("rerun", job_id, config, home)
+    if job.status not in ("ok", "fail"):
+        _die(f"rtauto rerun: job {job.id[:8]} is still {job.status}; wait for it to end", 1)
+    made_by = job.dedupe_key.split(":", 1)[0]
+    if made_by in ("run", "batch"):
+        again = "rtauto run" if made_by == "run" else "rtauto batch (--retry-failed)"
+        _die(
+            f"rtauto rerun: job {job.id[:8]} was made by rtauto {made_by}, on its input files: "
+            f"run {again} again on them",
+            1,
+        )
     try:
         loaded = load_workflow_text(
             job.workflow_text, job.workflow_path or job.workflow_name, host.steps
@@ -721,6 +738,8 @@ def _daemon_running(state: Path) -> bool:
     try:
         pid = int(json.loads(state.read_text())["pid"])
         os.kill(pid, 0)
+    except PermissionError:
+        return True  # it runs, as another user
     except (OSError, ValueError, KeyError, TypeError):
         return False
     return True

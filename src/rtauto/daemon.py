@@ -95,12 +95,22 @@ class Daemon:
         for name, reason in self.host.failures.items():
             log.error("plugin %s is disabled: %s", name, failure_summary(reason))
         # a destination with a typo would otherwise fail only when a job routes to it, after
-        # the contouring: refuse to start instead
+        # the contouring: refuse to start instead. One of a type no plugin provides (its
+        # plugin failed to load) is logged: the other plugins and destinations keep working
+        types = self.host.destination_types
         problems = check_configured_destinations(
-            settings.destinations, self.host.destination_types, self.config_path
+            settings.destinations, types, self.config_path, skip_unknown_types=True
         )
         if problems:
             raise ConfigError("\n".join(problems))
+        for name, block in sorted(settings.destinations.items()):
+            if block.resolved_type() not in types:
+                log.error(
+                    "destination %s is of type %r, which no loaded plugin provides: jobs that "
+                    "route there fail until its plugin loads",
+                    name,
+                    block.resolved_type(),
+                )
         self.store = Store(settings.database_url, migrate=True)
         recovered = Spool(settings).reconcile(self.store)
         if recovered:

@@ -274,61 +274,85 @@ def test_rerun_runs_a_job_again_on_what_its_series_hold_now_and_replay_points_to
 
     from rtauto.config import Settings
     from rtauto.engine.engine import Engine
+    from rtauto.ingest.assembler import create_job_for
+    from rtauto.ingest.spool import Spool
     from rtauto.store import Store
+    from rtauto.workflow import load_workflow_text
 
-    workflow = tmp_path / "body.yaml"
-    workflow.write_text(
-        "name: body\ntrigger: {modality: CT}\nsteps:\n"
-        "  - {id: body, uses: autocontour.threshold, with: {structures: [BODY]}}\n"
-    )
     series = write_ct_series(tmp_path / "ct", rows=32, cols=32, slices=5)
-    out = tmp_path / "out"
-    home = out / ".rtauto"
-    first = rtauto("run", str(workflow), *map(str, series.files[:3]), "--out", str(out), "--json")
-    assert first.returncode == 0, first.stderr
-    partial = json.loads(first.stdout)["job"]
-    rest = rtauto(
-        "run",
-        str(workflow),
-        *map(str, series.files[3:]),
-        "--out",
-        str(tmp_path / "o2"),
-        "--home",
-        str(home),
-        "--json",
-    )
-    assert rest.returncode == 0, rest.stderr  # the home now holds all 5 slices of the series
+    settings = Settings(home=tmp_path / "home")
+    settings.ensure_dirs()
+    store = Store(settings.database_url, migrate=True)
+    host = build_plugin_manager(settings)
+    spool = Spool(settings)
 
-    replayed = rtauto("replay", partial, "--home", str(home))
-    assert replayed.returncode == 1
-    assert "delivered nothing that could be sent again" in replayed.stderr
-    assert f"rtauto rerun {partial[:8]}" in replayed.stderr
+    def receive(files: list[Path]) -> list[str]:
+        records = [spool.ingest_file(path) for path in files]
+        store.record_instances(records)
+        return [r.sop_instance_uid for r in records]
 
-    result = rtauto("rerun", partial[:8], "--home", str(home))
-    assert result.returncode == 0, result.stderr
-    assert "on 5 instance(s) (job" in result.stdout and "ran on 3 instance(s)" in result.stdout
-    assert "no daemon runs on this home" in result.stdout
-    new_id = result.stdout.split()[1].rstrip(":")
-
-    settings = Settings(home=home)
-    store = Store(settings.database_url)
-    try:
-        new = store.get_job(new_id)
-        assert new.status == "pending" and len(new.input_instances) == 5
-        engine = Engine(settings, store, build_plugin_manager(settings))
+    def run_job(job_id: str) -> None:
+        engine = Engine(settings, store, host)
         try:
-            engine.run_until_done([new.id])
+            engine.run_until_done([job_id])
         finally:
             engine.close()
+
+    try:
+        # a daemon job made on the first 3 slices of the series, as the assembler makes it
+        loaded = load_workflow_text(
+            "name: body\ntrigger: {modality: CT}\nsteps:\n"
+            "  - {id: body, uses: autocontour.threshold, with: {structures: [BODY]}}\n",
+            "body.yaml",
+            host.steps,
+        )
+        first = receive(series.files[:3])
+        partial = create_job_for(
+            store,
+            settings,
+            loaded,
+            scope="series",
+            study_uid=series.study_instance_uid,
+            series_uid=series.series_instance_uid,
+            input_series=[series.series_instance_uid],
+            key_series=[series.series_instance_uid],
+            input_instances=first,
+        )
+        assert rtauto("rerun", partial.id[:8], "--home", str(settings.home)).returncode == 1
+        run_job(partial.id)
+        receive(series.files[3:])  # the rest of the series arrives later
+
+        home = str(settings.home)
+        replayed = rtauto("replay", partial.id, "--home", home)
+        assert replayed.returncode == 1
+        assert "delivered nothing that could be sent again" in replayed.stderr
+        assert f"rtauto rerun {partial.id[:8]}" in replayed.stderr
+
+        result = rtauto("rerun", partial.id[:8], "--home", home)
+        assert result.returncode == 0, result.stderr
+        assert "on 5 instance(s) (job" in result.stdout and "ran on 3 instance(s)" in result.stdout
+        assert "no daemon runs on this home" in result.stdout
+        new = store.get_job(result.stdout.split()[1].rstrip(":"))
+        assert new.status == "pending" and len(new.input_instances) == 5
+        run_job(new.id)
         assert store.get_job(new.id).status == "ok"
         [rtstruct] = [a.path for a in store.artifacts_of(new.id) if a.kind == "RTSTRUCT"]
-        ds = pydicom.dcmread(rtstruct)
-        frame = ds.ReferencedFrameOfReferenceSequence[0]
+        frame = pydicom.dcmread(rtstruct).ReferencedFrameOfReferenceSequence[0]
         images = frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
         assert len(images.ContourImageSequence) == 5
         assert [e.kind for e in store.audit_events("job.rerun")] == ["job.rerun"]
     finally:
         store.close()
+
+    # a job of rtauto run is run again by running rtauto run again
+    workflow = tmp_path / "body.yaml"
+    workflow.write_text(loaded.text)
+    out = tmp_path / "out"
+    ran = json.loads(
+        rtauto("run", str(workflow), str(series.files[0]), "--out", str(out), "--json").stdout
+    )
+    refused = rtauto("rerun", ran["job"], "--home", str(out / ".rtauto"))
+    assert refused.returncode == 1 and "made by rtauto run" in refused.stderr
 
 
 def test_a_configured_destination_with_a_typo_is_refused_by_validate_and_serve(

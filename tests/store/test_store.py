@@ -99,6 +99,29 @@ def exercise(store: Store, tmp_path: Path) -> None:
     store.audit("test.event", job.id, "hello", value=1)
     assert store.audit_events("test.")[0].data == {"value": 1}
 
+    # the instances a job reads, and a newer job that supersedes one not yet started
+    newer = store.create_job(
+        **{**kwargs, "dedupe_key": "wf:newer", "input_instances": ["1.2.3.4", "1.2.3.5"]}
+    )
+    assert store.get_job(newer.id).input_instances == ["1.2.3.4", "1.2.3.5"]
+    assert store.get_job(job.id).input_instances is None
+    waiting = store.create_job(**{**kwargs, "dedupe_key": "wf:waiting"})
+    assert [j.id for j in store.jobs_of_series("wf", "1.2.3.2")] == [job.id, newer.id, waiting.id]
+    store.set_job_status(job.id, "running")  # begun: runs to its end
+    ended = store.supersede_pending_jobs([job.id, waiting.id], newer.id, "superseded")
+    assert ended == [waiting.id]
+    assert store.job_statuses([job.id, waiting.id, newer.id]) == {
+        job.id: "running",
+        waiting.id: "fail",
+        newer.id: "pending",
+    }
+    assert {s.status for s in store.steps_of(waiting.id)} == {"skipped"}
+
+    # a series is marked complete only as the caller saw it
+    row = store.get_series("1.2.3.20")
+    assert not store.mark_series_complete(row.series_uid, instance_count=row.instance_count + 1)
+    assert store.mark_series_complete(row.series_uid, instance_count=row.instance_count)
+
     # what the folder watcher has read, per folder (a file read again replaces its record)
     drop = tmp_path / "drop"
     store.remember_watched_file(drop / "a.dcm", 10, 1_700_000_000_123_456_789, "ingested")

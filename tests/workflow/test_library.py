@@ -213,3 +213,38 @@ def test_without_a_keep_folder_a_broken_file_at_start_is_refused(tmp_path, step_
 
 def sha_of_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_only_a_version_in_effect_is_kept_and_a_missing_folder_forgets_nothing(
+    tmp_path, step_types
+):
+    folder, keep = tmp_path / "workflows", tmp_path / "home" / "workflows.last-good"
+    folder.mkdir()
+
+    def start() -> WorkflowLibrary:
+        library = WorkflowLibrary(
+            folder, lambda: step_types, known_destinations=lambda: {"tps"}, keep=keep
+        )
+        library.refresh()
+        return library
+
+    original = folder / "thorax.yaml"
+    write(original, VERSION_1)
+    library = start()
+    copy = folder / "thorax-copy.yaml"  # the same name: refused while the original holds it
+    write(copy, VERSION_2)
+    library.refresh()
+    assert library.get("thorax").path == original
+    write(copy, BROKEN)  # then broken; the original gets a valid edit; the daemon restarts
+    edited = VERSION_1 + "# reviewed\n"
+    write(original, edited)
+    library = start()
+    assert library.get("thorax").path == original  # the refused copy was never kept
+    assert library.get("thorax").hash == sha_of_text(edited)
+
+    copy.unlink()
+    write(original, BROKEN)
+    folder.rename(tmp_path / "away")  # not there at a start (a share not mounted yet)
+    assert start().get("thorax") is None
+    (tmp_path / "away").rename(folder)
+    assert start().get("thorax").hash == sha_of_text(edited)  # still kept

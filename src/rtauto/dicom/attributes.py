@@ -9,6 +9,8 @@ needs one character set it can handle.
 
 from __future__ import annotations
 
+import copy as copy_module
+
 from pydicom.dataset import Dataset
 
 __all__ = ["PATIENT_SEX_VALUES", "patient_sex", "utf8_header"]
@@ -27,11 +29,11 @@ def utf8_header(header: Dataset) -> Dataset:
     declared as UTF-8 (``ISO_IR 192``), with Patient's Sex normalised. The source dataset's
     values are decoded in place (which changes nothing it holds); pixel data is shared."""
     header.decode()  # every text value to str, read with the source's own character set
-    # a new element dict (Dataset(header) would share the header's own) holding the same
-    # elements: what changes below is a new element, so the received header stays as it was
+    # new elements (Dataset(header) would share the header's own dict): nothing done to the
+    # copy reaches the received header; values (pixel data) are shared, not copied
     copy = Dataset()
     for element in header:
-        copy.add(element)
+        copy.add(copy_module.copy(element))
     copy.add_new(0x00080005, "CS", "ISO_IR 192")  # SpecificCharacterSet
     if "PatientSex" in copy:
         copy.add_new(0x00100040, "CS", patient_sex(header))

@@ -155,7 +155,11 @@ class Assembler:
                     created.append(job)
             quiet = now - facts.last_received >= defaults.series_quiet_seconds
             if quiet and not waiting:
-                self.store.mark_series_complete(row.series_uid, now)
+                # only as it was seen: an instance that arrived since leaves it pending
+                if not self.store.mark_series_complete(
+                    row.series_uid, now, instance_count=row.instance_count
+                ):
+                    continue
                 if not any(_wanted_by(w, facts) for w in workflows):
                     log.info(
                         "series %s (%s, %d instances, from %s) is complete; no workflow takes it",
@@ -204,11 +208,21 @@ class Assembler:
             return None  # a job from before rtauto recorded its instances: left alone
         if set(instances) <= set(first.input_instances):
             return None  # nothing new (a re-sent instance does not even reach here)
-        # one job per size the series reached: a restart never runs it twice
+        # one job per size the series reached: a restart never runs it twice (hashed: the
+        # key column holds 128 characters)
+        grown = hashlib.sha256(f"{base}:n{len(instances)}".encode()).hexdigest()
         job = create_job_for(
-            self.store, self.settings, loaded, dedupe_key=f"{base}:n{len(instances)}", **kwargs
+            self.store, self.settings, loaded, dedupe_key=f"grown:{grown}", **kwargs
         )
         if job is not None:
+            # an earlier job on part of the series that has not started yet never will
+            jobs = self.store.jobs_of_series(loaded.workflow.name, row.series_uid)
+            earlier = [j.id for j in jobs]
+            self.store.supersede_pending_jobs(
+                earlier,
+                job.id,
+                f"superseded by job {job.id[:8]}: the series grew to {len(instances)} instances",
+            )
             log.warning(
                 "job %s: series %s has %d instances now, %d when job %s of workflow %s ran "
                 "on it; the workflow runs again on the whole series (the earlier job's "
@@ -294,5 +308,7 @@ class Assembler:
                     created.append(job)
             quiet = now - max(study.last_received, self.started) >= defaults.study_quiet_seconds
             if quiet and not waiting:
-                self.store.mark_study_complete(study.study_uid, now)
+                self.store.mark_study_complete(
+                    study.study_uid, now, last_received=study.last_received
+                )
         return created

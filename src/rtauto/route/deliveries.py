@@ -67,8 +67,9 @@ def _absolute_folder(config: BaseModel, base: Path | None) -> BaseModel:
     path = getattr(config, "path", None)
     if isinstance(path, Path) and not path.is_absolute() and base is not None:
         absolute = (base / path).resolve()
-        with contextlib.suppress(OSError):  # unwritable: the delivery says why
-            absolute.mkdir(parents=True, exist_ok=True)
+        if absolute.is_relative_to(Path(base).resolve()):  # not out through .. or a link
+            with contextlib.suppress(OSError):  # unwritable: the delivery says why
+                absolute.mkdir(parents=True, exist_ok=True)
         return config.model_copy(update={"path": absolute})
     return config
 

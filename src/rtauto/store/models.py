@@ -83,9 +83,9 @@ class Job(Base):
     study_uid: Mapped[str] = mapped_column(String(64), index=True)
     series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     input_series: Mapped[list[Any]] = mapped_column(JSON, default=list)
-    # the SOP Instance UIDs of the input series the job reads; None: all of them (the daemon's
-    # jobs). rtauto run and batch name the instances of their input files, so a file removed
-    # from a cohort is not read from an earlier run's copy in the spool
+    # the SOP Instance UIDs of the input series the job reads (those of a series when the
+    # daemon made the job, of the input files for rtauto run and batch); None: every instance
+    # the store holds for them (study-scoped jobs, and jobs from before this column)
     input_instances: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True, default=None)
     status: Mapped[str] = mapped_column(String(16), index=True)  # pending running ok fail
     work_dir: Mapped[str] = mapped_column(Text, default="")

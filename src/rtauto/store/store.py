@@ -431,21 +431,28 @@ class Store:
                 q = q.where(Series.modality == modality)
             return list(s.scalars(q.order_by(Series.last_received.desc())))
 
-    def mark_series_complete(self, series_uid: str, when: float | None = None) -> None:
+    def mark_series_complete(
+        self, series_uid: str, when: float | None = None, *, instance_count: int | None = None
+    ) -> bool:
+        """Mark the series complete; with ``instance_count``, only while it still holds that
+        many instances (one that arrived since the caller looked keeps it pending, to be
+        looked at again). Returns whether it was marked."""
         with self.session() as s:
-            s.execute(
-                update(Series)
-                .where(Series.series_uid == series_uid)
-                .values(completed_at=when or time.time())
-            )
+            q = update(Series).where(Series.series_uid == series_uid)
+            if instance_count is not None:
+                q = q.where(Series.instance_count == instance_count)
+            return bool(s.execute(q.values(completed_at=when or time.time())).rowcount)
 
-    def mark_study_complete(self, study_uid: str, when: float | None = None) -> None:
+    def mark_study_complete(
+        self, study_uid: str, when: float | None = None, *, last_received: float | None = None
+    ) -> bool:
+        """Mark the study complete; with ``last_received``, only while nothing arrived for it
+        since (see :meth:`mark_series_complete`)."""
         with self.session() as s:
-            s.execute(
-                update(Study)
-                .where(Study.study_uid == study_uid)
-                .values(completed_at=when or time.time())
-            )
+            q = update(Study).where(Study.study_uid == study_uid)
+            if last_received is not None:
+                q = q.where(Study.last_received == last_received)
+            return bool(s.execute(q.values(completed_at=when or time.time())).rowcount)
 
     # -- watch folders -------------------------------------------------------------------------
     def watched_files(self, folder: Path) -> dict[str, tuple[int, int]]:
@@ -582,6 +589,63 @@ class Store:
                     .order_by(Job.created_at)
                 )
             )
+
+    def supersede_pending_jobs(self, job_ids: Sequence[str], by_job: str, reason: str) -> list[str]:
+        """End those of ``job_ids`` that have not started (status pending, no step begun) as
+        failed with ``reason``, their steps skipped: a newer job ``by_job`` does their work on
+        newer inputs. Returns the ids ended (a job already started runs to its end)."""
+        now = time.time()
+        with self.session() as s:
+            ids = list(
+                s.scalars(
+                    select(Job.id).where(
+                        Job.id.in_(list(job_ids)),
+                        Job.id != by_job,
+                        Job.status == "pending",
+                        Job.started_at.is_(None),
+                    )
+                )
+            )
+            if not ids:
+                return []
+            s.execute(
+                update(Job)
+                .where(Job.id.in_(ids))
+                .values(status="fail", error=reason, finished_at=now)
+            )
+            s.execute(
+                update(StepRun)
+                .where(StepRun.job_id.in_(ids), StepRun.status == "pending")
+                .values(status="skipped", summary=reason, finished_at=now)
+            )
+            for job_id in ids:
+                s.add(
+                    AuditEvent(
+                        ts=datetime.now(UTC),
+                        kind="job.superseded",
+                        subject=job_id,
+                        message=reason,
+                        data={"by": by_job},
+                    )
+                )
+        return ids
+
+    def jobs_of_series(self, workflow_name: str, series_uid: str) -> list[Job]:
+        """The jobs of one workflow on one series, oldest first."""
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(Job)
+                    .where(Job.workflow_name == workflow_name, Job.series_uid == series_uid)
+                    .order_by(Job.created_at)
+                )
+            )
+
+    def job_statuses(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """The status of each of these jobs (a light query: no JSON columns)."""
+        with self.session() as s:
+            rows = s.execute(select(Job.id, Job.status).where(Job.id.in_(list(job_ids))))
+            return {job_id: status for job_id, status in rows}
 
     def set_job_status(self, job_id: str, status: str, error: str | None = None) -> None:
         now = time.time()

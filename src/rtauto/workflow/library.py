@@ -11,9 +11,10 @@ until the name is free again. When the registered step types or the known destin
 every file is checked again.
 
 Given a ``keep`` folder (the daemon's ``HOME/workflows.last-good``), the library also keeps
-each file's last good version there, so that a file broken while the daemon was stopped still
-runs its last good version after the start (with the file's problems logged), as it would
-have had the edit been made while the daemon ran. A deleted file's kept version goes with it.
+there the last version of each file that was in effect (loaded and holding its name), so that
+a file broken while the daemon was stopped still runs that version after the start (with the
+file's problems logged). A file deleted (while the folder is there) takes its kept version
+with it.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class _Entry:
     problems: list[str] = field(default_factory=list)  # of the current content, if refused
     conflict: str | None = None  # why ``good`` is not active (name held by another file)
     since: int = 0  # refresh count when ``good`` first loaded: older files keep a name
+    kept: str | None = None  # hash of the version kept for this file (see ``keep``)
 
 
 class WorkflowLibrary:
@@ -134,14 +136,16 @@ class WorkflowLibrary:
             except OSError as exc:
                 log.error("cannot list the workflows folder %s: %s", self.folder, exc)
                 return changes
+            listed = self.folder.is_dir()  # a folder gone for a moment forgets nothing kept
             for path in [p for p in self._entries if p not in files]:
                 entry = self._entries.pop(path)
-                self._forget_kept(path)
+                if listed:
+                    self._forget_kept(path)
                 if entry.good is not None and self._active.get(entry.good.name) is entry.good:
                     changes.append(f"{path}: removed workflow {entry.good.name}")
                 else:
                     changes.append(f"{path}: removed")
-            if self._refreshes == 1:
+            if self._refreshes == 1 and listed:
                 self._forget_kept_except(files)
             loads: list[tuple[Path, str]] = []
             for path in files:
@@ -151,6 +155,13 @@ class WorkflowLibrary:
                 elif message:
                     loads.append((path, message))
             changes.extend(self._assign_names())
+            # only a version that took its name is kept: a refused copy never comes back
+            for path, entry in self._entries.items():
+                good = entry.good
+                active = good is not None and self._active.get(good.name) is good
+                if active and good is not None and entry.kept != good.hash:
+                    self._keep(path, good.text)
+                    entry.kept = good.hash
             # a version that loaded but lost the name to another file is reported as refused
             changes.extend(m for p, m in loads if self._entries[p].conflict is None)
             for message in changes:
@@ -201,7 +212,6 @@ class WorkflowLibrary:
             if previous is None or previous.name != loaded.name:
                 entry.since = self._refreshes
             entry.good = loaded
-            self._keep(path, text)
             if previous is None:
                 return f"{path}: loaded workflow {loaded.name} ({digest[:12]})"
             return (
@@ -213,7 +223,7 @@ class WorkflowLibrary:
         for line in problems:
             log.error("%s", line)
         if entry.good is None and (kept := self._kept(path, steps, known)) is not None:
-            entry.good, entry.since = kept, self._refreshes
+            entry.good, entry.since, entry.kept = kept, self._refreshes, kept.hash
             return (
                 f"{path}: refused ({len(problems)} problem(s)); workflow {kept.name} runs its "
                 f"last good version {kept.hash[:12]}, kept from before the daemon started"

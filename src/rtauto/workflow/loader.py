@@ -642,10 +642,13 @@ def check_configured_destinations(
     destinations: Mapping[str, Any],
     types: Mapping[str, DestinationType],
     config_path: Path | None = None,
+    *,
+    skip_unknown_types: bool = False,
 ) -> list[str]:
     """The daemon configuration's ``destinations:`` checked against their types, as a
     workflow's are: ``file:line:column: message`` lines (empty: all valid). Without
-    ``config_path`` (or when it cannot be read) the problems name the destination only."""
+    ``config_path`` (or when it cannot be read) the problems name the destination only.
+    ``skip_unknown_types``: a destination of a type no plugin provides is not checked."""
     root: yaml.Node | None = None
     if config_path is not None:
         try:
@@ -656,6 +659,8 @@ def check_configured_destinations(
     empty = yaml.compose("{}")  # no file to point into: every problem is at 1:1
     problems: list[str] = []
     for name, block in sorted(destinations.items()):
+        if skip_unknown_types and block.resolved_type() not in types:
+            continue
         found = _check_destination_block(root if root is not None else empty, name, block, types)
         problems.extend(problem.format(source) for problem in found)
     return problems

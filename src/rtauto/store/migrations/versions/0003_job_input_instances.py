@@ -20,5 +20,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("jobs") as batch:
-        batch.drop_column("input_instances")
+    # a plain ALTER TABLE (SQLite >= 3.35): a batch rebuild of jobs would fire the ON DELETE
+    # CASCADE of steps, artifacts and deliveries
+    op.drop_column("jobs", "input_instances")
