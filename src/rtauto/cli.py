@@ -7,6 +7,7 @@ from the environment.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -682,7 +683,7 @@ def rerun(
     ran on part of a series. The new job runs the same workflow version as the old one and
     is run by the daemon on this home (at its next start, when none runs now).
     """
-    from rtauto.daemon import STATE_FILE
+    from rtauto.ingest.assembler import create_job_for
     from rtauto.workflow import load_workflow_text
 
     settings, store, host, job = _job_of("rerun", job_id, config, home)
@@ -705,18 +706,18 @@ def rerun(
     instances = [i.sop_uid for uid in job.input_series for i in store.instances_of_series(uid)]
     if not instances:
         _die(f"rtauto rerun: the store holds no instance of job {job.id[:8]}'s series", 1)
-    new = store.create_job(
-        dedupe_key=f"rerun:{uuid.uuid4().hex}",
-        workflow_name=job.workflow_name,
-        workflow_hash=job.workflow_hash,
-        workflow_text=job.workflow_text,
-        workflow_path=job.workflow_path,
+    if job.workflow_path:  # the new job names the file the old one came from
+        loaded = dataclasses.replace(loaded, path=Path(job.workflow_path))
+    new = create_job_for(
+        store,
+        settings,
+        loaded,
         scope=job.scope,
         study_uid=job.study_uid,
         series_uid=job.series_uid,
         input_series=list(job.input_series),
-        step_ids=[(spec.id, spec.uses) for spec in loaded.workflow.steps],
-        jobs_dir=settings.jobs_dir,
+        key_series=list(job.input_series),
+        dedupe_key=f"rerun:{uuid.uuid4().hex}",
         input_instances=instances,
     )
     assert new is not None  # a fresh key
@@ -730,14 +731,16 @@ def rerun(
         f"job {new.id[:8]}: workflow {job.workflow_name} again, on {len(instances)} "
         f"instance(s) (job {job.id[:8]} ran on {before})"
     )
-    if not _daemon_running(settings.home / STATE_FILE):
+    if not _daemon_running(settings.home):
         typer.echo("no daemon runs on this home now: the job runs when `rtauto serve` starts")
 
 
-def _daemon_running(state: Path) -> bool:
+def _daemon_running(home: Path) -> bool:
+    """Whether the daemon named in ``home``'s state file is alive."""
+    from rtauto.daemon import read_state
+
     try:
-        pid = int(json.loads(state.read_text())["pid"])
-        os.kill(pid, 0)
+        os.kill(int((read_state(home) or {})["pid"]), 0)
     except PermissionError:
         return True  # it runs, as another user
     except (OSError, ValueError, KeyError, TypeError):

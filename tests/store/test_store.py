@@ -106,7 +106,7 @@ def exercise(store: Store, tmp_path: Path) -> None:
     assert store.get_job(newer.id).input_instances == ["1.2.3.4", "1.2.3.5"]
     assert store.get_job(job.id).input_instances is None
     waiting = store.create_job(**{**kwargs, "dedupe_key": "wf:waiting"})
-    assert [j.id for j in store.jobs_of_series("wf", "1.2.3.2")] == [job.id, newer.id, waiting.id]
+    assert store.job_ids_of_series("wf", "1.2.3.2") == [job.id, newer.id, waiting.id]
     store.set_job_status(job.id, "running")  # begun: runs to its end
     ended = store.supersede_pending_jobs([job.id, waiting.id], newer.id, "superseded")
     assert ended == [waiting.id]

@@ -216,10 +216,8 @@ class Assembler:
         )
         if job is not None:
             # an earlier job on part of the series that has not started yet never will
-            jobs = self.store.jobs_of_series(loaded.workflow.name, row.series_uid)
-            earlier = [j.id for j in jobs]
             self.store.supersede_pending_jobs(
-                earlier,
+                self.store.job_ids_of_series(loaded.workflow.name, row.series_uid),
                 job.id,
                 f"superseded by job {job.id[:8]}: the series grew to {len(instances)} instances",
             )

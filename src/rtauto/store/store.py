@@ -630,12 +630,13 @@ class Store:
                 )
         return ids
 
-    def jobs_of_series(self, workflow_name: str, series_uid: str) -> list[Job]:
-        """The jobs of one workflow on one series, oldest first."""
+    def job_ids_of_series(self, workflow_name: str, series_uid: str) -> list[str]:
+        """The ids of one workflow's jobs on one series, oldest first (ids only: no JSON
+        columns are read)."""
         with self.session() as s:
             return list(
                 s.scalars(
-                    select(Job)
+                    select(Job.id)
                     .where(Job.workflow_name == workflow_name, Job.series_uid == series_uid)
                     .order_by(Job.created_at)
                 )
