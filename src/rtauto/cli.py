@@ -735,6 +735,66 @@ def rerun(
         typer.echo("no daemon runs on this home now: the job runs when `rtauto serve` starts")
 
 
+@app.command()
+def purge(
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="remove nothing; report what would go")
+    ] = False,
+    received_days: Annotated[
+        float | None, typer.Option(help="override retention.received_days")
+    ] = None,
+    jobs_days: Annotated[float | None, typer.Option(help="override retention.jobs_days")] = None,
+    quarantine_days: Annotated[
+        float | None, typer.Option(help="override retention.quarantine_days")
+    ] = None,
+    audit_days: Annotated[float | None, typer.Option(help="override retention.audit_days")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove what has passed its retention period (the configuration's retention: block).
+
+    Received instances go by patient, once nothing of the patient arrived for received_days
+    and no job of theirs is unfinished; ended jobs (folder and rows) after jobs_days unless a
+    result is not delivered; quarantined files and audit events by age. Safe while the daemon
+    runs (it does the same every retention.interval_minutes).
+    """
+    from pydantic import ValidationError
+
+    from rtauto.config import RetentionSettings
+    from rtauto.retention import PurgeRunning
+    from rtauto.retention import purge as run_purge
+
+    settings = _settings(config, home)
+    overrides = {
+        "received_days": received_days,
+        "jobs_days": jobs_days,
+        "quarantine_days": quarantine_days,
+        "audit_days": audit_days,
+    }
+    values = settings.retention.model_dump()
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        retention = RetentionSettings(**values)
+    except ValidationError as exc:
+        _die(f"rtauto purge: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+    if not retention.enabled:
+        _die(
+            "rtauto purge: no retention period is set (retention: in the configuration, or "
+            "--received-days, --jobs-days, --quarantine-days, --audit-days): nothing to do",
+            1,
+        )
+    store = _store(settings, existing=True)
+    try:
+        report = run_purge(settings, store, retention=retention, dry_run=dry_run)
+    except PurgeRunning as exc:
+        _die(f"rtauto purge: {exc}", 1)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        typer.echo(report.summary())
+
+
 def _daemon_running(home: Path) -> bool:
     """Whether the daemon named in ``home``'s state file is alive."""
     from rtauto.daemon import read_state
@@ -749,7 +809,7 @@ def _daemon_running(home: Path) -> bool:
 
 
 CORE_COMMANDS = frozenset(
-    {"serve", "run", "validate", "schema", "plugins", "jobs", "replay", "rerun"}
+    {"serve", "run", "validate", "schema", "plugins", "jobs", "replay", "rerun", "purge"}
 )
 
 

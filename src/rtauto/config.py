@@ -26,6 +26,7 @@ __all__ = [
     "CompletionDefaults",
     "Destination",
     "ExecutorSettings",
+    "RetentionSettings",
     "ScpSettings",
     "Settings",
     "WatchFolder",
@@ -100,6 +101,46 @@ class ExecutorSettings(_Strict):
     poll_seconds: float = Field(0.2, gt=0)
 
 
+class RetentionSettings(_Strict):
+    """How long rtauto keeps what it no longer needs; a period left out keeps that kind of
+    data for ever. The daemon removes what has passed its period every ``interval_minutes``
+    (``rtauto purge`` does it by hand, ``--dry-run`` shows what would go)."""
+
+    received_days: float | None = Field(
+        None,
+        gt=0,
+        description="received instances (spool files and their index rows) are removed once "
+        "nothing of their patient (of their study, without a Patient ID) has arrived for this "
+        "many days, no job of that patient is unfinished and every series was complete",
+    )
+    jobs_days: float | None = Field(
+        None,
+        gt=0,
+        description="a job that ended this many days ago is removed with its folder under "
+        "HOME/jobs (artifacts) and its steps, artifact and delivery rows; a job with a result "
+        "not delivered (pending, failed or dead-lettered) is kept",
+    )
+    quarantine_days: float | None = Field(
+        None, gt=0, description="quarantined files and their reason files, by age"
+    )
+    audit_days: float | None = Field(None, gt=0, description="audit events, by age")
+    interval_minutes: float = Field(
+        60.0, gt=0, description="how often the daemon removes what has passed its period"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return any(
+            days is not None
+            for days in (
+                self.received_days,
+                self.jobs_days,
+                self.quarantine_days,
+                self.audit_days,
+            )
+        )
+
+
 class WebSettings(_Strict):
     enabled: bool = False
     host: str = "127.0.0.1"
@@ -151,6 +192,7 @@ class Settings(_Strict):
     completion: CompletionDefaults = Field(default_factory=CompletionDefaults)
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     web: WebSettings = Field(default_factory=WebSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     destinations: dict[str, Destination] = Field(default_factory=dict)
     plugins: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-plugin configuration blocks, by plugin name"

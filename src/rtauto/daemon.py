@@ -55,6 +55,8 @@ class Daemon:
         self._home_lock: int | None = None
         self._last_reload = 0.0
         self.last_tick = 0.0
+        self._next_purge = 0.0
+        self._purger: threading.Thread | None = None
         self._plugin_fingerprint = plugin_fingerprint(self.settings.plugin_modules.values())
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -165,6 +167,9 @@ class Daemon:
             )
         # receiving from here on: the quiet periods of series cut off by the last stop start now
         self.assembler.started = time.time()
+        if settings.retention.enabled:
+            # the first retention pass a minute after the start (sooner with a shorter interval)
+            self._next_purge = time.time() + min(60.0, settings.retention.interval_minutes * 60)
         self._write_state()
         self._loop = threading.Thread(target=self._run_loop, name="rtauto-loop", daemon=True)
         self._loop.start()
@@ -179,6 +184,8 @@ class Daemon:
             self.scp.stop()
         if self._loop is not None:
             self._loop.join(timeout=30)
+        if self._purger is not None:
+            self._purger.join(timeout=30)  # it stops between series
         if self.engine is not None:
             self.engine.close(wait=False)
         if self.store is not None:
@@ -256,7 +263,36 @@ class Daemon:
             self.library.refresh()  # logs each change itself
         self.assembler.tick(now)
         self.engine.tick()
+        self._maybe_purge(now)
         self.last_tick = now
+
+    def _maybe_purge(self, now: float) -> None:
+        """Start a retention pass in the background when one is due (see
+        :mod:`rtauto.retention`); removing files must not hold up the scheduling loop."""
+        retention = self.settings.retention
+        if not retention.enabled or now < self._next_purge:
+            return
+        if self._purger is not None and self._purger.is_alive():
+            return
+        self._next_purge = now + retention.interval_minutes * 60
+        self._purger = threading.Thread(target=self._purge, name="rtauto-retention", daemon=True)
+        self._purger.start()
+
+    def _purge(self) -> None:
+        from rtauto.retention import PurgeRunning, purge
+
+        try:
+            report = purge(self.settings, self.store, stop=self._stop.is_set)
+        except PurgeRunning as exc:
+            log.info("retention pass skipped: %s", exc)
+            return
+        except Exception:
+            log.exception("retention pass failed; the next one tries again")
+            return
+        if report.removed_anything:
+            log.info("%s", report.summary())
+        elif report.kept:
+            log.debug("%s", report.summary())
 
 
 def read_state(home: Path) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from rtauto.config import Settings
 from rtauto.errors import IngestError
 from rtauto.ingest.header import IMPLEMENTATION_CLASS_UID, read_file_meta
 from rtauto.ingest.spool import (
+    RETENTION_LOCK,
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_MISMATCH,
     STATUS_DUPLICATE_CONFLICT,
@@ -404,9 +405,8 @@ def test_files_prepared_ahead_are_used_and_released(settings: Settings, ct_serie
     finally:
         spool.close()
     assert spool._prepared is None
-    assert [p.name for p in settings.spool_dir.iterdir() if p.name != ".incoming"] == [
-        ct_series.study_instance_uid
-    ]
+    left = [p.name for p in settings.spool_dir.iterdir() if p.name != ".incoming"]
+    assert sorted(left) == [RETENTION_LOCK, ct_series.study_instance_uid]
     assert not list(settings.incoming_dir.iterdir())
 
 

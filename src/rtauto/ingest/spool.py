@@ -25,7 +25,15 @@ so that running jobs, the job store and the quarantine keep room.
 Re-sent instances: the same SOP Instance UID with the same data set bytes and transfer syntax
 is accepted again without a second file (idempotent). The same SOP Instance UID with different
 content is refused and quarantined with reason "duplicate SOPInstanceUID with different
-content": received data is never altered, so the first version stays in the spool.
+content": received data is never altered, so the first version stays in the spool. A re-sent
+instance's file gets the time it was received again as its modification time (its content is
+not touched): retention (:mod:`rtauto.retention`) counts from that time.
+
+Retention removes spool files while receivers run. Receivers hold ``.retention.lock`` in the
+spool shared while they name a file or accept a re-sent one; retention holds it exclusively
+while it removes a series' files, and keeps every file whose modification time is within the
+retention period: an instance accepted again just before is kept, and one that arrives after
+is stored afresh.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -40,7 +49,8 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -76,6 +86,7 @@ __all__ = [
 log = logging.getLogger("rtauto.ingest")
 
 # C-STORE failure statuses (PS3.4 B.2.3) that a refusal maps to.
+RETENTION_LOCK = ".retention.lock"  # in the spool folder (see the module docstring)
 STATUS_DATASET_MISMATCH = 0xA900  # data set does not match SOP class / required UIDs
 STATUS_CANNOT_UNDERSTAND = 0xC000  # not DICOM, truncated, malformed
 STATUS_DUPLICATE_CONFLICT = 0xC001  # same SOP Instance UID, different content
@@ -271,8 +282,9 @@ class Spool:
         # series whose store row exists (the storage SCP adds them once indexed): their
         # instances skip the header attribute conversion, which only a new series row needs
         self.known_series = _BoundedSet(10_000)
-        # series folders known to exist (rtauto never removes a spool folder)
+        # series folders known to exist (one removed by retention is made again on demand)
         self._series_dirs = _BoundedSet(10_000)
+        self._guard = _SharedFlock(self.spool_dir / RETENTION_LOCK)
         # unnamed temporary files (Linux O_TMPFILE) are linked into place through /proc
         self._tmpfile_supported = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
         self._prepared: _PreparedFiles | None = None
@@ -299,6 +311,32 @@ class Spool:
         if self._prepared is not None:
             self._prepared.close()
             self._prepared = None
+        self._guard.close()
+
+    @contextmanager
+    def exclusive(self, timeout: float = 30.0) -> Iterator[bool]:
+        """Hold the spool's retention lock exclusively (no receiver names a file or accepts a
+        re-sent one meanwhile); yields False when it could not be had within ``timeout``
+        (receivers take it shared for microseconds at a time, so it is tried again and again
+        rather than waited for: a waiting exclusive lock would not stop new shared ones)."""
+        fd = os.open(self.spool_dir / RETENTION_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        yield False
+                        return
+                    time.sleep(0.005)
+            try:
+                yield True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     # -- public --------------------------------------------------------------------------------
     def begin_encoded(
@@ -539,16 +577,25 @@ class Spool:
         rel = f"{study}/{series}/{sop}.dcm"
         dest = self.spool_dir / rel
         size = len(meta) + len(dataset)
-        if not self._write_new(dest, [meta, dataset], streamed):
-            kept = dest.read_bytes()
-            size = len(kept)
-            try:
-                kept_meta = read_file_meta(kept)
-            except HeaderError:
-                kept_meta = None
-            kept_dataset = kept[kept_meta.dataset_offset :] if kept_meta else b""
-            same_syntax = kept_meta is not None and kept_meta.transfer_syntax == transfer_syntax
-            if not (same_syntax and kept_dataset == dataset):
+        for _attempt in range(3):
+            if self._write_new(dest, [meta, dataset], streamed):
+                break
+            with self._guard:
+                try:
+                    kept = dest.read_bytes()
+                except FileNotFoundError:
+                    continue  # retention removed the first copy meanwhile: store this one
+                kept_size = len(kept)
+                try:
+                    kept_meta = read_file_meta(kept)
+                except HeaderError:
+                    kept_meta = None
+                kept_dataset = kept[kept_meta.dataset_offset :] if kept_meta else b""
+                same_syntax = kept_meta is not None and kept_meta.transfer_syntax == transfer_syntax
+                same = same_syntax and kept_dataset == dataset
+                if same:
+                    os.utime(dest)  # received again now: retention counts from here
+            if not same:
                 sizes = f"{len(dataset)} bytes of data set here, {len(kept_dataset)} kept"
                 if not same_syntax:
                     sizes += ", another transfer syntax"
@@ -558,7 +605,11 @@ class Spool:
                     STATUS_DUPLICATE_CONFLICT,
                 )
                 raise self._refuse([meta, dataset], bad, source, calling_ae, called_ae, original)
+            size = kept_size
             log.info("re-sent instance %s is already in the spool", sop)
+            break
+        else:
+            raise OSError(f"{rel} kept vanishing while it was stored")
         return InstanceRecord(
             sop_instance_uid=sop,
             sop_class_uid=uids["SOPClassUID"],
@@ -593,7 +644,8 @@ class Spool:
         if streamed is not None and streamed.usable:
             os.fdatasync(streamed.fd)
             try:
-                self._link_unnamed(streamed.fd, dest)
+                with self._guard:
+                    self._link_unnamed(streamed.fd, dest)
             except FileExistsError:
                 return False  # already stored (the link never replaces a file)
             _fsync_dir(dest.parent)
@@ -611,7 +663,8 @@ class Spool:
                 try:
                     _write_all(fd, parts)
                     os.fdatasync(fd)
-                    self._link_unnamed(fd, dest)
+                    with self._guard:
+                        self._link_unnamed(fd, dest)
                 except FileExistsError:
                     return False
                 finally:
@@ -629,7 +682,8 @@ class Spool:
             raise
         os.close(fd)
         try:
-            self._link(tmp, dest)
+            with self._guard:
+                self._link(tmp, dest)
         except FileExistsError:
             return False
         finally:
@@ -745,6 +799,38 @@ class Spool:
             attributes=header_attributes(layout),
             received_at=file.stat().st_mtime,
         )
+
+
+class _SharedFlock:
+    """The spool's retention lock held shared by the threads of one process: the first thread
+    in takes the ``flock``, the last one out releases it (a ``flock`` belongs to the open file,
+    which the threads share). Opened on first use."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._fd = -1
+        self._holders = 0
+        self._mutex = threading.Lock()
+
+    def __enter__(self) -> None:
+        with self._mutex:
+            if self._holders == 0:
+                if self._fd < 0:
+                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fcntl.flock(self._fd, fcntl.LOCK_SH)  # waits while retention removes files
+            self._holders += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._mutex:
+            self._holders -= 1
+            if self._holders == 0:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._fd >= 0 and self._holders == 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 class _PreparedFiles:

@@ -1,0 +1,368 @@
+"""Retention: rtauto removes from its home what it has kept for as long as it was told to.
+
+A planning server runs for months; without this its disk fills and the storage SCP starts to
+refuse images (``min_free_mb``). The ``retention:`` block of the daemon configuration
+(:class:`~rtauto.config.RetentionSettings`) sets a period per kind of data; a kind without one
+is kept for ever. What goes, and what is kept whatever its age:
+
+* **Received instances** (spool files and instance rows): by patient. Nothing of a
+  patient goes while anything of theirs arrived within ``received_days`` (the planning CT stays
+  as long as the daily CBCTs of the course keep coming), while a job on any of their studies is
+  pending or running, or while one of their series has not been seen complete. Each file is
+  checked again when it is removed: one received again within the period (a re-send touches
+  its modification time) is kept, and so is its index row. Series and study rows stay, with
+  their instance count brought down (see :func:`_forget_instances`).
+* **Jobs** (the job folder under ``HOME/jobs`` and the job's step, artifact and delivery rows):
+  ``jobs_days`` after the job ended, unless one of its results is not delivered (pending,
+  failed or dead-lettered: it waits for ``rtauto replay``). A job folder outside ``HOME/jobs``
+  (``rtauto run --out``) is never touched; only its rows go.
+* **Quarantine** (``<uuid>.bin`` and its ``<uuid>.json``): by the files' age.
+* **Audit events**: by age.
+
+Removing received files runs while receivers run: see :mod:`rtauto.ingest.spool` for the lock
+that keeps an instance accepted at that moment from being removed. Every pass that removed
+something writes one ``retention.purged`` audit event with its counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+
+from rtauto.config import RetentionSettings, Settings
+from rtauto.errors import RtautoError
+from rtauto.ingest.spool import Spool
+from rtauto.locks import exclusive_lock
+from rtauto.store import Store
+from rtauto.store.models import (
+    ArtifactRow,
+    AuditEvent,
+    Delivery,
+    Instance,
+    Job,
+    Series,
+    StepRun,
+)
+
+__all__ = ["PurgeReport", "PurgeRunning", "purge"]
+
+log = logging.getLogger("rtauto.retention")
+
+DAY = 86400.0
+LOCK_FILE = "retention.lock"  # in the home: one pass at a time
+ENDED = ("ok", "fail")
+UNFINISHED = ("pending", "running")
+# series rows that no assembler looks at (the inputs of rtauto run and batch)
+_NOT_ASSEMBLED = ("run", "batch")
+
+# why something past its period was kept (the keys of PurgeReport.kept)
+KEPT_UNFINISHED_JOB = "patients with a pending or running job"
+KEPT_INCOMPLETE = "patients with a series not yet complete"
+KEPT_SPOOL_BUSY = "series skipped while the spool was busy"
+KEPT_RECEIVED_AGAIN = "instances received again within the period"
+KEPT_UNDELIVERED = "jobs with a result not delivered"
+
+
+@dataclass
+class PurgeReport:
+    """What one pass removed (or, with ``dry_run``, would remove)."""
+
+    dry_run: bool = False
+    patients: int = 0
+    series: int = 0
+    instances: int = 0
+    instance_bytes: int = 0
+    jobs: int = 0
+    job_bytes: int = 0
+    quarantined_files: int = 0
+    quarantine_bytes: int = 0
+    audit_events: int = 0
+    kept: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def removed_anything(self) -> bool:
+        return bool(self.instances or self.series or self.jobs or self.quarantined_files) or bool(
+            self.audit_events
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        verb = "would remove" if self.dry_run else "removed"
+        parts = [
+            f"{self.instances} instance(s) in {self.series} series of {self.patients} "
+            f"patient(s) ({_mb(self.instance_bytes)})",
+            f"{self.jobs} job(s) ({_mb(self.job_bytes)})",
+            f"{self.quarantined_files} quarantined file(s) ({_mb(self.quarantine_bytes)})",
+            f"{self.audit_events} audit event(s)",
+        ]
+        text = f"retention {verb} " + ", ".join(parts)
+        if self.kept:
+            text += "; kept past their period: " + ", ".join(
+                f"{count} {why}" for why, count in sorted(self.kept.items())
+            )
+        return text
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+class PurgeRunning(RtautoError):
+    """Another retention pass holds the home's retention lock."""
+
+
+def purge(
+    settings: Settings,
+    store: Store,
+    *,
+    retention: RetentionSettings | None = None,
+    now: float | None = None,
+    dry_run: bool = False,
+    stop: Callable[[], bool] = lambda: False,
+) -> PurgeReport:
+    """Remove what has passed its retention period (``retention``: the configured one unless
+    given). ``dry_run`` removes nothing and reports what would go. ``stop`` is asked between
+    patients and between kinds of data: a stopping daemon ends the pass early (what is left
+    goes in the next one). Raises :class:`PurgeRunning` while another pass runs on the home."""
+    retention = retention or settings.retention
+    now = time.time() if now is None else now
+    lock = None if dry_run else exclusive_lock(Path(settings.home) / LOCK_FILE)
+    if lock is None and not dry_run:
+        raise PurgeRunning(f"a retention pass is already running on {settings.home}")
+    run = _Pass(settings, store, dry_run, stop)
+    try:
+        for days, remove in (
+            (retention.received_days, run.received),
+            (retention.jobs_days, run.jobs),
+            (retention.quarantine_days, run.quarantine),
+            (retention.audit_days, run.audit),
+        ):
+            if days is not None and not stop():
+                remove(now - days * DAY)
+    finally:
+        report = run.report
+        report.kept = dict(run.kept)
+        if report.removed_anything and not dry_run:
+            store.audit("retention.purged", "", report.summary(), **report.as_dict())
+        if lock is not None:
+            os.close(lock)
+    return report
+
+
+class _Pass:
+    """One retention pass; each method removes one kind of data older than ``cutoff``."""
+
+    def __init__(
+        self, settings: Settings, store: Store, dry_run: bool, stop: Callable[[], bool]
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.dry_run = dry_run
+        self.stop = stop
+        self.report = PurgeReport(dry_run=dry_run)
+        self.kept: Counter[str] = Counter()
+
+    # -- received instances --------------------------------------------------------------------
+    def received(self, cutoff: float) -> None:
+        with self.store.session() as s:
+            rows = s.execute(
+                select(
+                    Series.series_uid,
+                    Series.study_uid,
+                    Series.patient_id,
+                    Series.last_received,
+                    Series.completed_at,
+                    Series.source,
+                    Series.instance_count,
+                )
+            ).all()
+            busy_studies = set(s.scalars(select(Job.study_uid).where(Job.status.in_(UNFINISHED))))
+        # a patient's series together; without a Patient ID, a study's
+        groups: dict[tuple[str, str], list[Any]] = {}
+        for row in rows:
+            key = ("patient", row.patient_id) if row.patient_id else ("study", row.study_uid)
+            groups.setdefault(key, []).append(row)
+        spool = Spool(self.settings)
+        try:
+            for members in groups.values():
+                if self.stop():
+                    return
+                if max(row.last_received for row in members) >= cutoff:
+                    continue
+                if any(row.study_uid in busy_studies for row in members):
+                    self.kept[KEPT_UNFINISHED_JOB] += 1
+                    continue
+                if any(
+                    row.completed_at is None and row.source not in _NOT_ASSEMBLED for row in members
+                ):
+                    self.kept[KEPT_INCOMPLETE] += 1
+                    continue
+                removed_any = False
+                for row in members:
+                    if row.instance_count:  # else emptied by an earlier pass
+                        removed_any |= self._series(spool, row.series_uid, row.study_uid, cutoff)
+                self.report.patients += removed_any
+        finally:
+            spool.close()
+
+    def _series(self, spool: Spool, series_uid: str, study_uid: str, cutoff: float) -> bool:
+        """Remove the instances of one series older than ``cutoff``; whether any went."""
+        instances = [(i.sop_uid, i.path) for i in self.store.instances_of_series(series_uid)]
+        root = spool.spool_dir.resolve()
+        if self.dry_run:
+            gone = self._old_instances(root, instances, cutoff)
+            self.report.instances += len(gone)
+            self.report.series += len(gone) == len(instances)
+            return bool(gone)
+        with spool.exclusive() as held:
+            if not held:
+                self.kept[KEPT_SPOOL_BUSY] += 1
+                return False
+            gone = self._old_instances(root, instances, cutoff)
+            for _sop, path in gone:
+                if path is not None:
+                    path.unlink(missing_ok=True)
+            emptied = _forget_instances(self.store, series_uid, [sop for sop, _path in gone])
+            series_dir = root / study_uid / series_uid
+            for folder in (series_dir, series_dir.parent):
+                try:
+                    folder.rmdir()  # only when empty
+                except OSError:
+                    break
+        self.report.instances += len(gone)
+        self.report.series += emptied
+        return bool(gone)
+
+    def _old_instances(
+        self, root: Path, instances: list[tuple[str, str]], cutoff: float
+    ) -> list[tuple[str, Path | None]]:
+        """The instances whose spool file was last received before ``cutoff`` (or is
+        missing), with the file (None: not inside the spool); their sizes are counted."""
+        old = []
+        for sop, rel in instances:
+            path = _inside(root, rel)
+            try:
+                st = path.stat() if path is not None else None
+            except FileNotFoundError:
+                st = None
+            if st is not None and st.st_mtime >= cutoff:
+                self.kept[KEPT_RECEIVED_AGAIN] += 1
+                continue
+            self.report.instance_bytes += st.st_size if st is not None else 0
+            old.append((sop, path))
+        return old
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def jobs(self, cutoff: float) -> None:
+        ended_at = func.coalesce(Job.finished_at, Job.created_at)
+        with self.store.session() as s:
+            jobs = s.execute(
+                select(Job.id, Job.work_dir).where(Job.status.in_(ENDED), ended_at < cutoff)
+            ).all()
+            undelivered = set(
+                s.scalars(select(Delivery.job_id).where(Delivery.status != "delivered").distinct())
+            )
+        jobs_root = Path(self.settings.jobs_dir).resolve()
+        gone: list[str] = []
+        for job_id, work_dir in jobs:
+            if job_id in undelivered:
+                self.kept[KEPT_UNDELIVERED] += 1
+                continue
+            folder = Path(work_dir).resolve() if work_dir else None
+            if folder is not None and (folder == jobs_root or not folder.is_relative_to(jobs_root)):
+                folder = None  # not rtauto's to remove
+            if folder is not None and folder.is_dir():
+                self.report.job_bytes += _tree_size(folder)
+                if not self.dry_run:
+                    shutil.rmtree(folder, ignore_errors=True)
+            gone.append(job_id)
+        self.report.jobs += len(gone)
+        if self.dry_run or not gone:
+            return
+        with self.store.session() as s:
+            for start in range(0, len(gone), 500):
+                ids = gone[start : start + 500]
+                for table in (Delivery, ArtifactRow, StepRun):
+                    s.execute(delete(table).where(table.job_id.in_(ids)))
+                s.execute(delete(Job).where(Job.id.in_(ids)))
+
+    # -- quarantine and audit ------------------------------------------------------------------
+    def quarantine(self, cutoff: float) -> None:
+        folder = Path(self.settings.quarantine_dir)
+        if not folder.is_dir():
+            return
+        for entry in os.scandir(folder):
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if st.st_mtime >= cutoff:
+                continue
+            if not self.dry_run:
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
+            if entry.name.endswith(".bin"):
+                self.report.quarantined_files += 1
+            self.report.quarantine_bytes += st.st_size
+
+    def audit(self, cutoff: float) -> None:
+        before = datetime.fromtimestamp(cutoff, UTC).replace(tzinfo=None)
+        with self.store.session() as s:
+            if self.dry_run:
+                count = s.scalar(_count(AuditEvent).where(AuditEvent.ts < before)) or 0
+            else:
+                count = s.execute(delete(AuditEvent).where(AuditEvent.ts < before)).rowcount
+        self.report.audit_events += count
+
+
+def _inside(root: Path, rel: str) -> Path | None:
+    """``root/rel`` when it lies inside ``root`` (index paths are built from validated UIDs;
+    this is the last line of defence before a file is removed)."""
+    path = (root / rel).resolve()
+    return path if path.is_relative_to(root) and path != root else None
+
+
+def _forget_instances(store: Store, series_uid: str, sop_uids: list[str]) -> bool:
+    """Delete the index rows of removed instances and count what the series holds now.
+    Whether it holds nothing any more.
+
+    The series and study rows stay (a few hundred bytes each): a receiving process knows the
+    series it has indexed and leaves their header attributes out of later rows, so a series
+    sent again must find its row, with the attributes its triggers match on."""
+    with store.session() as s:
+        for start in range(0, len(sop_uids), 500):
+            s.execute(delete(Instance).where(Instance.sop_uid.in_(sop_uids[start : start + 500])))
+        left = s.scalar(_count(Instance).where(Instance.series_uid == series_uid)) or 0
+        s.execute(update(Series).where(Series.series_uid == series_uid).values(instance_count=left))
+        return left == 0
+
+
+def _count(table: Any) -> Any:
+    return select(func.count()).select_from(table)
+
+
+def _tree_size(folder: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                continue
+    return total
