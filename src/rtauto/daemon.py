@@ -159,6 +159,7 @@ class Daemon:
                 workflows=lambda: self.library.workflows,
                 workflow_errors=lambda: self.library.errors,
                 last_tick=lambda: self.last_tick,
+                scp_counters=self.scp.counters if self.scp is not None else None,
             )
             self.web = WebServer(app, settings.web.host, settings.web.port)
             self.web_port = self.web.start()

@@ -185,6 +185,36 @@ def test_bad_inputs_are_quarantined_and_echo_still_answers(
     assert len(spool_files(settings)) == 1
 
 
+def test_refused_c_stores_are_counted(
+    settings: Settings, store: Store, ct_series: SyntheticSeries, tmp_path: Path
+):
+    server = StorageSCP(settings, settings.database_url)
+    port = server.start()
+    try:
+        response = send_raw(port, tmp_path, b"Patient notes, not DICOM.\n" * 40, new_uid())
+        assert response.Status == 0xC000
+        storescu(port, ct_series.files[:2])
+        storescu(port, ct_series.files[:2])  # again: answered success, stored once
+        counted = server.counters()
+    finally:
+        server.stop()
+    assert counted == {
+        "associations_accepted": 3,
+        "associations_rejected": 0,
+        "instances_stored": 4,
+        "instances_refused": 1,
+        "instances_not_stored": 0,
+        "bytes_received": 2 * sum(len(dataset_bytes(f)) for f in ct_series.files[:2]),
+    }
+    # the next start counts afresh
+    again = StorageSCP(settings, settings.database_url)
+    again.start()
+    try:
+        assert set(again.counters().values()) == {0}
+    finally:
+        again.stop()
+
+
 def test_below_the_free_space_reserve_c_stores_get_out_of_resources(
     settings: Settings, store: Store, ct_series: SyntheticSeries, tmp_path: Path
 ):
@@ -203,6 +233,9 @@ def test_below_the_free_space_reserve_c_stores_get_out_of_resources(
         assert response.Status == 0xA700
         assert response.ErrorComment.startswith("rtauto's disk is nearly full")
         assert echoscu(port)  # the SCP itself keeps answering
+        counted = server.counters()
+        assert counted["instances_not_stored"] >= 2  # storescu may stop after its first
+        assert counted["instances_stored"] == counted["bytes_received"] == 0
     finally:
         server.stop()
     # nothing stored, nothing quarantined: the senders still hold their instances
@@ -232,6 +265,9 @@ def test_calling_ae_titles_are_enforced(
             port, ct_series.files[2:3], called_ae="OTHER", calling_ae="TPS", check=False
         )
         assert wrong_called.returncode != 0
+        counted = server.counters()
+        assert (counted["associations_rejected"], counted["associations_accepted"]) == (3, 1)
+        assert counted["instances_stored"] == 2
     finally:
         server.stop()
 
@@ -375,6 +411,10 @@ def test_receiving_processes_share_the_port(settings: Settings, store: Store, tm
         wait_until(lambda: store.counts()["instances"] == 24, timeout=30)
         assert len(spool_files(settings)) == 24
         assert echoscu(port)
+        # both processes' counts, summed by the parent
+        counted = server.counters()
+        assert counted["associations_accepted"] == 5 and counted["instances_stored"] == 24
+        assert counted["bytes_received"] == sum(len(dataset_bytes(f)) for f in series.files)
     finally:
         server.stop()
     for pid in children:

@@ -419,7 +419,11 @@ def test_dashboard_api_and_metrics(daemon_factory, tmp_path):
     assert [j["job"] for j in jobs] == [job.id]
     assert _json.loads(get(f"/api/jobs/{job.id[:8]}"))["steps"][0]["outcome"] == "ok"
     metrics = get("/metrics")
-    assert "rtauto_instances_received_total 3" in metrics
+    assert "rtauto_instances_stored 3" in metrics
+    # counted by the receiving processes (two here), added up by the daemon
+    assert 'rtauto_scp_associations_total{result="accepted"} 1' in metrics
+    assert 'rtauto_scp_instances_total{outcome="stored"} 3' in metrics
+    assert 'rtauto_scp_instances_total{outcome="refused"} 0' in metrics
     assert 'rtauto_jobs{status="ok"} 1' in metrics
     assert 'rtauto_steps{uses="site.sleep",status="ok"} 1' in metrics
     assert "rtauto_up 1" in metrics

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import urllib.request
+
 import pytest
 
-from rtauto.testing import storescu, wait_until, write_ct_series
+from rtauto.testing import free_port, storescu, wait_until, write_ct_series
 
 from .test_daemon import count_workflow
 
@@ -15,13 +18,16 @@ SECONDS = 1 / 86400
 
 
 def test_the_daemon_removes_what_passed_its_period_and_keeps_receiving(daemon_factory, tmp_path):
+    web_port = free_port()
     daemon = daemon_factory(
         {
+            "web": {"enabled": True, "port": web_port},
             "retention": {
-                "received_days": 6 * SECONDS,
-                "jobs_days": 6 * SECONDS,
+                # long enough for the checks between a job's end and the removal, under load
+                "received_days": 20 * SECONDS,
+                "jobs_days": 20 * SECONDS,
                 "interval_minutes": 1 / 60,
-            }
+            },
         }
     )
     daemon.add_workflow("count", count_workflow("2s"))
@@ -58,6 +64,15 @@ def test_the_daemon_removes_what_passed_its_period_and_keeps_receiving(daemon_fa
         assert sum(e.data["jobs"] for e in events) == 1
     finally:
         store.close()
+
+    def get(path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}{path}", timeout=10) as r:
+            return r.read().decode()
+
+    assert "rtauto_instances_stored 0" in get("/metrics")
+    retention = json.loads(get("/api/status"))["retention"]
+    assert retention["enabled"] is True
+    assert retention["last_removed"]["summary"].startswith("retention removed ")
 
     # the same series again: stored afresh (into the folders retention removed), indexed with
     # the header attributes its series row keeps, and run again (its job was removed)

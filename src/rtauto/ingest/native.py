@@ -270,6 +270,7 @@ class NativeStorageServer:
         reuse_port: bool = False,
         max_associations: int = 64,
         tls: ssl.SSLContext | None = None,
+        on_association: Callable[[bool], None] | None = None,
     ):
         self.ae_title = ae_title.strip()
         self.host = host
@@ -283,6 +284,7 @@ class NativeStorageServer:
         self.reuse_port = reuse_port
         self.max_associations = max_associations
         self.tls = tls
+        self.on_association = on_association  # told of each association: accepted or not
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
         self._active: set[socket.socket] = set()
@@ -483,9 +485,18 @@ class _Association:
                 _REJECTION_TEXT.get(rejection, f"result {rejection}"),
             )
             self.conn.sendall(struct.pack(">BBIBBBB", _ASSOCIATE_RJ, 0, 4, 0, *rejection))
+            self._tell(accepted=False)
             return False
         self.conn.sendall(self._associate_ac(request))
+        self._tell(accepted=True)
         return True
+
+    def _tell(self, accepted: bool) -> None:
+        if self.server.on_association is not None:
+            try:
+                self.server.on_association(accepted)
+            except Exception:
+                log.exception("the association observer failed")
 
     def _rejection(self, request: _AssociateRequest) -> tuple[int, int, int] | None:
         if not request.protocol_version & 0x0001:

@@ -48,12 +48,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
 
 from rtauto.config import ScpTls, Settings
 from rtauto.errors import ConfigError, RtautoError
+from rtauto.ingest.counters import COUNTERS, ScpCounters
+from rtauto.ingest.counters import FILE_NAME as COUNTERS_FILE
 from rtauto.ingest.native import DatasetSink, StoreRequest
 from rtauto.ingest.spool import RefusedInstance, Spool, SpoolFull, StreamedFile
 from rtauto.store import InstanceRecord, Store
@@ -228,9 +231,17 @@ class _Receiver:
     """One receiving server (native or pynetdicom) writing into the spool; runs in the current
     process."""
 
-    def __init__(self, settings: Settings, store_url: str):
+    def __init__(
+        self,
+        settings: Settings,
+        store_url: str,
+        counters: ScpCounters | None = None,
+        slot: int = 0,
+    ):
         self.settings = settings
         self.store_url = store_url
+        self.counters = counters  # this process's row is ``slot``
+        self.slot = slot
         self.spool = Spool(settings)
         self.spool.prepare_files(4)
         self.store: Store | None = None
@@ -269,6 +280,7 @@ class _Receiver:
             contexts=contexts,
             on_store=self._on_native_store,
             on_store_begin=self._on_native_store_begin,
+            on_association=self._count_association,
             allowed_calling_ae_titles=scp.allowed_calling_ae_titles,
             max_pdu=scp.max_pdu,
             network_timeout=scp.network_timeout,
@@ -314,6 +326,8 @@ class _Receiver:
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_OPEN, self._on_connection),
+            (evt.EVT_ACCEPTED, lambda _event: self._count_association(True)),
+            (evt.EVT_REJECTED, lambda _event: self._count_association(False)),
         ]
         self.server = ae.make_server(
             (scp.host, port),
@@ -347,6 +361,13 @@ class _Receiver:
         if self._index_lock_fd is not None:
             os.close(self._index_lock_fd)
             self._index_lock_fd = None
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        if self.counters is not None:
+            self.counters.add(self.slot, name, amount)
+
+    def _count_association(self, accepted: bool) -> None:
+        self._count("associations_accepted" if accepted else "associations_rejected")
 
     def _record(self, record: InstanceRecord) -> None:
         """Queue the index row of an instance already durable in the spool."""
@@ -404,8 +425,10 @@ class _Receiver:
             )
             self._record(record)
         except RefusedInstance as refused:
+            self._count("instances_refused")
             return refused.status, refused.reason
         except SpoolFull as full:
+            self._count("instances_not_stored")
             now = time.monotonic()
             if now - self._full_logged > 60:  # a push would log every image otherwise
                 self._full_logged = now
@@ -413,11 +436,15 @@ class _Receiver:
             return STATUS_OUT_OF_RESOURCES, full.reason
         except OSError as exc:
             # the disk filled up below the reserve, or failed: the sender keeps the instance
+            self._count("instances_not_stored")
             log.error("C-STORE of %s from %s failed: %s", sop_instance_uid, calling_ae, exc)
             return STATUS_OUT_OF_RESOURCES, f"rtauto could not store it: {exc}"
         except Exception as exc:
+            self._count("instances_not_stored")
             log.exception("C-STORE of %s failed", sop_instance_uid)
             return STATUS_OUT_OF_RESOURCES, f"rtauto could not store it: {exc}"
+        self._count("instances_stored")
+        self._count("bytes_received", len(encoded))
         return STATUS_SUCCESS, ""
 
     def _on_native_store_begin(self, request: StoreRequest) -> StreamedFile | None:
@@ -489,6 +516,7 @@ class StorageSCP:
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._counters: ScpCounters | None = None
 
     def start(self) -> int:
         """Start listening (``settings.scp.port``; 0 lets the OS choose) and return the port.
@@ -511,8 +539,9 @@ class StorageSCP:
     def _start(self) -> int:
         scp = self.settings.scp
         self.settings.ensure_dirs()
+        self._counters = ScpCounters(self._counters_path, scp.processes, create=True)
         if scp.processes == 1:
-            self._receiver = _Receiver(self.settings, self.store_url)
+            self._receiver = _Receiver(self.settings, self.store_url, self._counters, 0)
             self.port = self._receiver.start(scp.port, reuse_port=False)
             return self.port
         if scp.tls is not None:
@@ -543,6 +572,16 @@ class StorageSCP:
             raise failure[0]
         return self.port
 
+    @property
+    def _counters_path(self) -> Path:
+        return Path(self.settings.home) / COUNTERS_FILE
+
+    def counters(self) -> dict[str, int]:
+        """What the receiving processes counted since the start (see :mod:`.counters`)."""
+        if self._counters is None:
+            return dict.fromkeys(COUNTERS, 0)
+        return self._counters.totals()
+
     def stop(self) -> None:
         """Stop receiving; running associations are cut."""
         self._stopping.set()
@@ -557,17 +596,19 @@ class StorageSCP:
             self._reservation = None
 
     # -- child processes ---------------------------------------------------------------------
-    def _child_config(self) -> str:
+    def _child_config(self, slot: int) -> str:
         return json.dumps(
             {
                 "settings": self.settings.model_dump(mode="json"),
                 "store_url": self.store_url,
                 "port": self.port,
                 "parent_pid": os.getpid(),
+                "counters": str(self._counters_path),
+                "slot": slot,
             }
         )
 
-    def _spawn(self) -> subprocess.Popen[str]:
+    def _spawn(self, slot: int) -> subprocess.Popen[str]:
         child = subprocess.Popen(
             [sys.executable, "-m", "rtauto.ingest.scp"],
             stdin=subprocess.PIPE,
@@ -576,7 +617,7 @@ class StorageSCP:
             close_fds=True,
         )
         assert child.stdin is not None and child.stdout is not None
-        child.stdin.write(self._child_config())
+        child.stdin.write(self._child_config(slot))
         child.stdin.close()
         line = child.stdout.readline().strip()
         if line != _READY:
@@ -598,8 +639,8 @@ class StorageSCP:
 
     def _supervise(self, started: threading.Event, failure: list[BaseException]) -> None:
         try:
-            for _ in range(self.settings.scp.processes):
-                self._children.append(self._spawn())
+            for slot in range(self.settings.scp.processes):
+                self._children.append(self._spawn(slot))
         except BaseException as exc:  # reported to start()
             failure.append(exc)
             self._stopping.set()
@@ -613,7 +654,7 @@ class StorageSCP:
                         child.returncode,
                     )
                     with contextlib.suppress(RuntimeError, OSError):
-                        self._children[index] = self._spawn()
+                        self._children[index] = self._spawn(index)
                     self._reconcile()
         for child in self._children:
             if child.poll() is None:
@@ -650,7 +691,8 @@ def _child_main() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when children stop
-    receiver = _Receiver(settings, config["store_url"])
+    counters = ScpCounters(Path(config["counters"]), settings.scp.processes)
+    receiver = _Receiver(settings, config["store_url"], counters, int(config["slot"]))
     receiver.start(int(config["port"]), reuse_port=True)
     print(_READY, flush=True)
     while not stop.wait(1.0):

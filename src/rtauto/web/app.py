@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from rtauto import __version__
 from rtauto.store import Store
-from rtauto.store.models import Delivery, Instance, Job, StepRun
+from rtauto.store.models import AuditEvent, Delivery, Instance, Job, StepRun
 
 
 def _status(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -28,6 +28,12 @@ def _status(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) ->
             s.execute(select(Delivery.status, func.count()).group_by(Delivery.status)).all()
         )
         instances = s.scalar(select(func.count()).select_from(Instance)) or 0
+        last_purge = s.execute(
+            select(AuditEvent.ts, AuditEvent.message)
+            .where(AuditEvent.kind == "retention.purged")
+            .order_by(AuditEvent.id.desc())
+            .limit(1)
+        ).first()
     quarantined = (
         # each refused file is kept as <uuid>.bin beside its <uuid>.json reason
         sum(1 for _ in settings.quarantine_dir.glob("*.bin"))
@@ -53,6 +59,13 @@ def _status(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) ->
         "home_total_bytes": total,
         "min_free_bytes": reserve,
         "ingest_paused": bool(reserve and free < reserve),
+        "retention": {
+            "enabled": settings.retention.enabled,
+            # the last pass that removed something (UTC), and what it removed
+            "last_removed": None
+            if last_purge is None
+            else {"at": last_purge.ts.isoformat() + "Z", "summary": last_purge.message},
+        },
         **extra(),
     }
 
@@ -80,9 +93,9 @@ def _metrics(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) -
             .group_by(StepRun.uses)
         ).all()
     family(
-        "rtauto_instances_received_total",
-        "counter",
-        "DICOM instances stored in the spool",
+        "rtauto_instances_stored",
+        "gauge",
+        "DICOM instances held in the spool (retention removes them once past received_days)",
         iter([("", status["instances"])]),
     )
     family(
@@ -103,6 +116,31 @@ def _metrics(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) -
         "files refused and kept in the quarantine",
         iter([("", status["quarantined"])]),
     )
+    scp = status.get("scp")
+    if scp is not None:
+        family(
+            "rtauto_scp_associations_total",
+            "counter",
+            "associations the storage SCP accepted or rejected (calling or called AE title, "
+            "application context) since the daemon started",
+            ((f'{{result="{r}"}}', scp[f"associations_{r}"]) for r in ("accepted", "rejected")),
+        )
+        family(
+            "rtauto_scp_instances_total",
+            "counter",
+            "C-STOREs by outcome since the daemon started: stored (re-sent ones included), "
+            "refused (quarantined), not_stored (0xA700: the sender keeps the instance)",
+            (
+                (f'{{outcome="{o}"}}', scp[f"instances_{o}"])
+                for o in ("stored", "refused", "not_stored")
+            ),
+        )
+        family(
+            "rtauto_scp_received_bytes_total",
+            "counter",
+            "data set bytes of the C-STOREs stored since the daemon started",
+            iter([("", scp["bytes_received"])]),
+        )
     family(
         "rtauto_jobs",
         "gauge",
@@ -198,6 +236,7 @@ def create_app(
     workflows: Callable[[], list[Any]] = list,
     workflow_errors: Callable[[], dict[Any, list[str]]] = dict,
     last_tick: Callable[[], float] = time.time,
+    scp_counters: Callable[[], dict[str, int]] | None = None,
 ) -> FastAPI:
     """The web application over ``store``; the callables give the daemon's live state."""
     from rtauto.store.summary import job_summary
@@ -209,6 +248,8 @@ def create_app(
             "workflows_loaded": len(workflows()),
             "workflow_errors": len(workflow_errors()),
             "last_tick": last_tick(),
+            # what the storage SCP's receiving processes counted since the daemon started
+            "scp": scp_counters() if scp_counters is not None else None,
         }
 
     @app.get("/api/status")
@@ -272,6 +313,10 @@ def create_app(
                 ),
                 ("dead letters", status["deliveries"].get("dead", 0)),
                 ("quarantined files", status["quarantined"]),
+                (
+                    "associations rejected since start",
+                    (status.get("scp") or {}).get("associations_rejected", 0),
+                ),
                 ("free in home", _size(status["home_free_bytes"])),
             )
         )
@@ -301,6 +346,13 @@ def create_app(
                 f"{_size(status['home_free_bytes'])} free in home, below the "
                 f"{_size(status['min_free_bytes'])} of min_free_mb: C-STOREs are answered "
                 "0xA700 (senders keep their instances) and drop-folder files wait.</p>"
+            )
+        retention = status["retention"]
+        if retention["last_removed"]:
+            error_html += (
+                f"<p><small>Last retention pass that removed data "
+                f"({html.escape(retention['last_removed']['at'])}): "
+                f"{html.escape(retention['last_removed']['summary'])}</small></p>"
             )
         if errors:
             items = "".join(
