@@ -57,6 +57,7 @@ class Case:
     series: list[str] = field(default_factory=list)
     files: int = 0
     instances: dict[str, None] = field(default_factory=dict)  # SOP Instance UIDs read, once
+    originals: dict[str, str] = field(default_factory=dict)  # spool path -> cohort file
     job_id: str = ""
     resumed: str = ""  # "": new job; "done": finished before; "unfinished": goes on
     unmatched: str = ""  # why the workflow's trigger does not take this study (then no job)
@@ -214,7 +215,6 @@ def _run_batch(
     from rtauto.ingest.assembler import create_job_for
     from rtauto.ingest.spool import Spool, SpoolFull
     from rtauto.store import Store
-    from rtauto.store.summary import job_summary
 
     started = time.monotonic()
     settings.ensure_dirs()
@@ -240,6 +240,7 @@ def _run_batch(
                 )
             case.files += 1
             case.instances[record.sop_instance_uid] = None
+            case.originals.setdefault(record.path, str(path))
             if record.series_instance_uid not in case.series:
                 case.series.append(record.series_instance_uid)
         if len(pending) >= 500 or done == len(files):
@@ -339,7 +340,7 @@ def _run_batch(
         engine.close()
 
     rows = [
-        _row(case, job_summary(store, case.job_id)) if case.job_id else _skipped_row(case)
+        _row(case, _named_summary(store, settings, case)) if case.job_id else _skipped_row(case)
         for case in ordered
     ]
     store.close()
@@ -397,6 +398,15 @@ def _case_columns(case: Case) -> dict[str, Any]:
         "series": len(case.series),
         "files": case.files,
     }
+
+
+def _named_summary(store: Any, settings: Settings, case: Case) -> dict[str, Any]:
+    """The case's job summary, its errors naming the cohort's files (not the spool's)."""
+    from rtauto.store.summary import job_summary, name_inputs
+
+    summary = job_summary(store, case.job_id)
+    name_inputs(summary, settings.spool_dir, case.originals)
+    return summary
 
 
 def _skipped_row(case: Case) -> dict[str, Any]:

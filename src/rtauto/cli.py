@@ -245,7 +245,7 @@ def run(
     from rtauto.engine.engine import Engine
     from rtauto.ingest.assembler import create_job_for
     from rtauto.ingest.spool import Spool, SpoolFull
-    from rtauto.store.summary import job_summary
+    from rtauto.store.summary import job_summary, name_inputs
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -261,6 +261,7 @@ def run(
     spool = Spool(settings)
     series: list[str] = []
     instances: dict[str, None] = {}  # the inputs' SOP Instance UIDs, in order, once each
+    originals: dict[str, str] = {}  # spool path -> the input file, for error messages
     study_uid = None
     refused = 0
     for path in _collect_files(inputs, exclude=out):
@@ -274,6 +275,7 @@ def run(
             continue
         store.record_instance(record)
         instances[record.sop_instance_uid] = None
+        originals.setdefault(record.path, str(path))
         study_uid = study_uid or record.study_instance_uid
         if record.series_instance_uid not in series:
             series.append(record.series_instance_uid)
@@ -301,6 +303,7 @@ def run(
     finally:
         engine.close()
     summary = job_summary(store, job.id)
+    name_inputs(summary, settings.spool_dir, originals)
     summary["refused_inputs"] = refused
     if dry_run:
         summary["dry_run"] = str(out / "dry-run")

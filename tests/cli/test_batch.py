@@ -99,7 +99,10 @@ def test_batch_runs_reports_resumes_retries_and_reruns_with_an_override(
     assert sorted(rows) == ["COHORT-0", "COHORT-1", "COHORT-2"]
     assert (report["ok"], report["failed"]) == (2, 1)
     assert rows["COHORT-2"]["status"] == "fail" and rows["COHORT-2"]["failed_step"] == "body"
-    assert "slice" in rows["COHORT-2"]["error"]
+    error = rows["COHORT-2"]["error"]
+    assert "slice(s) missing between" in error
+    # named by the cohort's files, not by their copies in the batch's spool
+    assert str(cohort / "patient2") in error and ".rtauto" not in error
     assert [Path(f["file"]).name for f in report["refused_files"]] == ["notes.txt"]
     run = out / "runs" / report["workflow_hash"][:12]
     for patient in ("COHORT-0", "COHORT-1"):

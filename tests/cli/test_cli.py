@@ -386,3 +386,27 @@ def test_a_configured_destination_with_a_typo_is_refused_by_validate_and_serve(
     )
     assert served.returncode == 1
     assert f"{config}:5:" in served.stderr and "prt" in served.stderr
+
+
+def test_run_errors_name_the_input_files_not_the_spool_copies(tmp_path):
+    series = write_ct_series(tmp_path / "ct", rows=32, cols=32, slices=8)
+    series.files[4].unlink()  # a gap: the contouring step refuses the series
+    workflow = tmp_path / "body.yaml"
+    workflow.write_text(
+        "name: body\ntrigger: {modality: CT}\nsteps:\n  - id: body\n"
+        "    uses: autocontour.threshold\n    with: {structures: [BODY], output: rtstruct}\n"
+    )
+    result = rtauto(
+        "run", str(workflow), str(tmp_path / "ct"), "--out", str(tmp_path / "out"), "--json"
+    )
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout)
+    [step] = summary["steps"]
+    assert step["outcome"] == "fail"
+    assert f"between {series.files[3]} and {series.files[5]}" in step["error"]
+    assert ".rtauto" not in step["error"]
+    # job.json in the output folder says the same
+    assert (
+        json.loads((tmp_path / "out" / "job.json").read_text())["steps"][0]["error"]
+        == step["error"]
+    )

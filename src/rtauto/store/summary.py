@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-__all__ = ["job_summary"]
+__all__ = ["job_summary", "name_inputs"]
 
 
 def job_summary(store: Any, job_id: str) -> dict[str, Any]:
@@ -58,3 +61,24 @@ def job_summary(store: Any, job_id: str) -> dict[str, Any]:
             for d in store.deliveries_of(job.id)
         ],
     }
+
+
+def name_inputs(summary: dict[str, Any], spool_dir: Path, originals: Mapping[str, str]) -> None:
+    """Name the input files in a summary's error texts, in place.
+
+    ``rtauto run`` and ``rtauto batch`` read their inputs through a spool, so a step's error
+    names the spool's copy (``.../spool/STUDY/SERIES/SOP.dcm``); ``originals`` maps those
+    relative paths (``STUDY/SERIES/SOP.dcm``) to the files the user gave."""
+    if not originals:
+        return
+    pattern = re.compile(re.escape(str(spool_dir).rstrip("/")) + r"/([0-9.]+/[0-9.]+/[0-9.]+\.dcm)")
+
+    def named(text: str | None) -> str | None:
+        if not text:
+            return text
+        return pattern.sub(lambda m: originals.get(m.group(1), m.group(0)), text)
+
+    summary["error"] = named(summary.get("error"))
+    for step in summary.get("steps", []):
+        step["error"] = named(step.get("error"))
+        step["summary"] = named(step.get("summary"))
