@@ -286,10 +286,43 @@ def test_bad_inputs_are_quarantined_with_reasons(
         assert info["original_name"] == str(path)
         assert info["time"]
     assert spool_files(settings) == []
-    # names come from new uuids, never from the content (no ../ anywhere)
+    # names are digests, never taken from the content (no ../ anywhere)
     names = [p.name for p in settings.quarantine_dir.iterdir()]
     assert len(names) == 8 and all(".." not in n and len(n.split(".")[0]) == 32 for n in names)
     assert not any(settings.home.rglob("passwd"))
+
+
+def test_the_same_refused_data_is_kept_once_and_counted(settings: Settings, tmp_path: Path):
+    spool = Spool(settings)
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"Patient notes, not DICOM.\n" * 10)
+    first = second = None
+    for _ in range(3):  # a batch read three times, or a sender retrying
+        with pytest.raises(RefusedInstance) as refused:
+            spool.ingest_file(notes)
+        first = first or refused.value.quarantined
+        second = refused.value.quarantined
+    assert first == second
+    [record] = reasons(settings)
+    assert record["times"] == 3 and record["last_time"] >= record["time"]
+    assert (settings.quarantine_dir / record["file"]).read_bytes() == notes.read_bytes()
+    # the same bytes from another place, or refused over a C-STORE, are kept apart
+    other = tmp_path / "other.txt"
+    other.write_bytes(notes.read_bytes())
+    with pytest.raises(RefusedInstance):
+        spool.ingest_file(other)
+    with pytest.raises(RefusedInstance):
+        spool.ingest_encoded(
+            notes.read_bytes(),
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            sop_instance_uid="1.2.3.4",
+            transfer_syntax=EXPLICIT_LE,
+            source="scp",
+            calling_ae="CT_SIM",
+        )
+    assert sorted(r["times"] for r in reasons(settings)) == [1, 1, 3]
+    assert len(list(settings.quarantine_dir.glob("*.bin"))) == 3
+    assert not list(settings.quarantine_dir.glob(".*"))  # no temporary file left behind
 
 
 def test_network_data_set_must_match_the_request(settings: Settings, ct_series: SyntheticSeries):

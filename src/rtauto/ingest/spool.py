@@ -14,9 +14,11 @@ unnamed file while the data set arrives (:meth:`Spool.begin_encoded`) and starts
 as it goes, so that after the last fragment only the tail is left to flush; the file is still
 named only after the whole instance is validated and flushed.
 
-Refused input is copied into ``settings.quarantine_dir`` as ``<uuid>.bin`` with ``<uuid>.json``
-(reason, source, calling/called AE, time, original name) and :class:`RefusedInstance` (an
-:class:`~rtauto.errors.IngestError`) is raised.
+Refused input is copied into ``settings.quarantine_dir`` as ``<name>.bin`` with ``<name>.json``
+(reason, source, calling/called AE, time, original name, how many times it came) and
+:class:`RefusedInstance` (an :class:`~rtauto.errors.IngestError`) is raised. ``<name>`` is a
+digest of the refused bytes, the reason, the source, the calling AE title and the original name
+(never the content's UIDs): the same data refused again from the same place is kept once.
 
 Free space: below ``settings.min_free_mb`` free on the spool's file system, nothing is stored or
 quarantined and :class:`SpoolFull` is raised (the SCP answers 0xA700, a drop-folder file waits),
@@ -42,6 +44,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -733,18 +736,45 @@ class Spool:
         called_ae: str,
         original: str,
     ) -> RefusedInstance:
-        name = uuid.uuid4().hex
+        # named by what was refused, from where and why: a sender that retries a refused
+        # instance, or a batch read again, adds to its count instead of filling the disk
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        for text in (bad.reason, source, calling_ae.strip(), original):
+            digest.update(b"\0" + text.encode("utf-8", "replace"))
+        name = digest.hexdigest()[:32]
         data_path = self.quarantine_dir / f"{name}.bin"
         reason_path = self.quarantine_dir / f"{name}.json"
-        record: dict[str, Any] = {
+        now = datetime.now(UTC).isoformat()
+        try:
+            record = json.loads(reason_path.read_text()) if data_path.exists() else None
+        except (OSError, ValueError):
+            record = None
+        if isinstance(record, dict):
+            record["times"] = int(record.get("times", 1)) + 1
+            record["last_time"] = now
+            self._write_durable(reason_path, [json.dumps(record, indent=2).encode()])
+            os.utime(data_path)  # retention counts from the last time it came
+            log.warning(
+                "quarantined %s from %s again (%d times, kept once as %s): %s",
+                original,
+                source,
+                record["times"],
+                name,
+                bad.reason,
+            )
+            return RefusedInstance(bad.reason, bad.status, data_path)
+        record = {
             "reason": bad.reason,
             "source": source,
             "calling_ae": calling_ae.strip(),
             "called_ae": called_ae.strip(),
-            "time": datetime.now(UTC).isoformat(),
+            "time": now,
             "original_name": original,
             "status": f"0x{bad.status:04X}",
             "file": data_path.name,
+            "times": 1,
         }
         self._write_durable(data_path, parts)
         self._write_durable(reason_path, [json.dumps(record, indent=2).encode()])
@@ -753,13 +783,17 @@ class Spool:
         return RefusedInstance(bad.reason, bad.status, data_path)
 
     def _write_durable(self, dest: Path, parts: Sequence[bytes | memoryview]) -> None:
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # a temporary name of its own: two receivers may quarantine the same data at once
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             _write_all(fd, parts)
             os.fdatasync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
         os.replace(tmp, dest)
 
     def _record_from_spool_file(self, file: Path, rel: str) -> InstanceRecord | None:
