@@ -66,7 +66,7 @@ UNFINISHED = ("pending", "running")
 _NOT_ASSEMBLED = ("run", "batch")
 
 # why something past its period was kept (the keys of PurgeReport.kept)
-KEPT_UNFINISHED_JOB = "patients with a pending or running job"
+KEPT_UNFINISHED_JOB = "patients with a pending or running job, or a result not delivered"
 KEPT_INCOMPLETE = "patients with a series not yet complete"
 KEPT_SPOOL_BUSY = "series skipped while the spool was busy"
 KEPT_RECEIVED_AGAIN = "instances received again within the period"
@@ -188,7 +188,7 @@ class _Pass:
                     Series.instance_count,
                 )
             ).all()
-            busy_studies = set(s.scalars(select(Job.study_uid).where(Job.status.in_(UNFINISHED))))
+            busy_studies = _busy_studies(s)
         # a patient's series together; without a Patient ID, a study's
         groups: dict[tuple[str, str], list[Any]] = {}
         for row in rows:
@@ -229,6 +229,14 @@ class _Pass:
         with spool.exclusive() as held:
             if not held:
                 self.kept[KEPT_SPOOL_BUSY] += 1
+                return False
+            # looked at again under the lock: a job made or an instance indexed since the
+            # pass began keeps the series
+            with self.store.session() as s:
+                busy = study_uid in _busy_studies(s)
+                last = s.scalar(select(Series.last_received).where(Series.series_uid == series_uid))
+            if busy or last is None or last >= cutoff:
+                self.kept[KEPT_UNFINISHED_JOB if busy else KEPT_RECEIVED_AGAIN] += 1
                 return False
             gone = self._old_instances(root, instances, cutoff)
             for _sop, path in gone:
@@ -329,6 +337,19 @@ class _Pass:
             else:
                 count = s.execute(delete(AuditEvent).where(AuditEvent.ts < before)).rowcount
         self.report.audit_events += count
+
+
+def _busy_studies(session: Any) -> set[str]:
+    """Studies whose received data a job may still read: a job pending or running, or one
+    with a result not delivered (a routing step that sends the inputs reads the spool's
+    files when ``rtauto replay`` sends them again)."""
+    unfinished = select(Job.study_uid).where(Job.status.in_(UNFINISHED))
+    undelivered = (
+        select(Job.study_uid)
+        .join(Delivery, Delivery.job_id == Job.id)
+        .where(Delivery.status != "delivered")
+    )
+    return set(session.scalars(unfinished)) | set(session.scalars(undelivered))
 
 
 def _inside(root: Path, rel: str) -> Path | None:

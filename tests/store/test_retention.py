@@ -182,6 +182,23 @@ def test_a_pending_or_running_job_keeps_its_patient(tmp_path, settings, store):
     assert spool_files(settings, series) == []
 
 
+def test_a_result_not_delivered_keeps_the_patients_received_data(tmp_path, settings, store):
+    # a workflow that forwards its inputs: rtauto replay sends the spool's files again
+    series = ct(tmp_path, "ct", "PAT-1")
+    receive(settings, store, series)
+    age(settings, store, series, 40)
+    job = make_job(settings, store, series.study_instance_uid, "fail")
+    dead = store.delivery(job.id, "a", "1.2.3", str(spool_files(settings, series)[0]), "tps")
+    store.update_delivery(dead.id, status="dead")
+
+    report = purge(settings, store, retention=RECEIVED)
+    assert report.instances == 0 and report.kept == {KEPT_UNFINISHED_JOB: 1}
+    assert len(spool_files(settings, series)) == 4
+
+    store.update_delivery(dead.id, status="delivered")  # replayed
+    assert purge(settings, store, retention=RECEIVED).instances == 4
+
+
 def test_a_series_not_yet_seen_complete_keeps_its_patient(tmp_path, settings, store):
     series = ct(tmp_path, "ct", "PAT-1")
     receive(settings, store, series)

@@ -322,7 +322,11 @@ class Spool:
         re-sent one meanwhile); yields False when it could not be had within ``timeout``
         (receivers take it shared for microseconds at a time, so it is tried again and again
         rather than waited for: a waiting exclusive lock would not stop new shared ones)."""
-        fd = os.open(self.spool_dir / RETENTION_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # read-only: flock needs no write access (a lock file made by root does not lock
+        # the daemon's user out)
+        fd = os.open(
+            self.spool_dir / RETENTION_LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644
+        )
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -850,7 +854,7 @@ class _SharedFlock:
         with self._mutex:
             if self._holders == 0:
                 if self._fd < 0:
-                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                    self._fd = os.open(self._path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
                 fcntl.flock(self._fd, fcntl.LOCK_SH)  # waits while retention removes files
             self._holders += 1
 
