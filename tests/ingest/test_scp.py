@@ -215,6 +215,29 @@ def test_refused_c_stores_are_counted(
         again.stop()
 
 
+def test_associations_over_the_limit_are_refused_and_counted(
+    settings: Settings, store: Store, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr("rtauto.ingest.scp._MAX_ASSOCIATIONS", 1)
+    server = StorageSCP(settings, settings.database_url)
+    port = server.start()
+    try:
+        ae = AE(ae_title="HOLDER")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        held = ae.associate("127.0.0.1", port, ae_title="RTAUTO")
+        assert held.is_established
+        try:
+            assert not echoscu(port)  # a second association is one too many
+        finally:
+            held.release()
+        assert wait_until(lambda: echoscu(port), timeout=10)  # room again once it is released
+        counted = server.counters()
+    finally:
+        server.stop()
+    assert counted["associations_rejected"] >= 1
+    assert counted["associations_accepted"] == 2
+
+
 def test_below_the_free_space_reserve_c_stores_get_out_of_resources(
     settings: Settings, store: Store, ct_series: SyntheticSeries, tmp_path: Path
 ):

@@ -340,11 +340,20 @@ class NativeStorageServer:
                     self._active.add(conn)
             if crowded:
                 log.warning("refused a connection from %s: too many associations", peer)
+                self.tell_association(accepted=False)
                 conn.close()
                 continue
             threading.Thread(
                 target=self._serve, args=(conn, peer), name="rtauto-scp-association", daemon=True
             ).start()
+
+    def tell_association(self, accepted: bool) -> None:
+        """Tell the association observer of an association accepted or refused."""
+        if self.on_association is not None:
+            try:
+                self.on_association(accepted)
+            except Exception:
+                log.exception("the association observer failed")
 
     def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         try:
@@ -484,19 +493,12 @@ class _Association:
                 request.called_ae,
                 _REJECTION_TEXT.get(rejection, f"result {rejection}"),
             )
+            self.server.tell_association(accepted=False)  # counted before the peer hears it
             self.conn.sendall(struct.pack(">BBIBBBB", _ASSOCIATE_RJ, 0, 4, 0, *rejection))
-            self._tell(accepted=False)
             return False
+        self.server.tell_association(accepted=True)
         self.conn.sendall(self._associate_ac(request))
-        self._tell(accepted=True)
         return True
-
-    def _tell(self, accepted: bool) -> None:
-        if self.server.on_association is not None:
-            try:
-                self.server.on_association(accepted)
-            except Exception:
-                log.exception("the association observer failed")
 
     def _rejection(self, request: _AssociateRequest) -> tuple[int, int, int] | None:
         if not request.protocol_version & 0x0001:
