@@ -117,7 +117,7 @@ def _exclusive(home: Path) -> Iterator[None]:
     case twice into the same folders)."""
     home.mkdir(parents=True, exist_ok=True)
     lock = home / "batch.lock"
-    fd = exclusive_lock(lock)
+    fd = exclusive_lock(lock, writable=True)  # it holds the batch's pid
     if fd is None:
         try:
             holder = lock.read_text(errors="replace").strip() or "?"

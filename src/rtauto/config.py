@@ -116,9 +116,10 @@ class RetentionSettings(_Strict):
     jobs_days: float | None = Field(
         None,
         gt=0,
-        description="a job that ended this many days ago is removed with its folder under "
-        "HOME/jobs (artifacts) and its steps, artifact and delivery rows; a job with a result "
-        "not delivered (pending, failed or dead-lettered) is kept",
+        description="a job that ended this many days ago loses its folder under HOME/jobs "
+        "(artifacts), and its record (with its steps, artifact and delivery rows) once its "
+        "study holds no received instance; a job with a result not delivered (pending, "
+        "failed or dead-lettered) is kept",
     )
     quarantine_days: float | None = Field(
         None, gt=0, description="quarantined files and their reason files, by age"

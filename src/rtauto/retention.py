@@ -5,17 +5,23 @@ refuse images (``min_free_mb``). The ``retention:`` block of the daemon configur
 (:class:`~rtauto.config.RetentionSettings`) sets a period per kind of data; a kind without one
 is kept for ever. What goes, and what is kept whatever its age:
 
-* **Received instances** (spool files and instance rows): by patient. Nothing of a
-  patient goes while anything of theirs arrived within ``received_days`` (the planning CT stays
-  as long as the daily CBCTs of the course keep coming), while a job on any of their studies is
-  pending or running, or while one of their series has not been seen complete. Each file is
-  checked again when it is removed: one received again within the period (a re-send touches
-  its modification time) is kept, and so is its index row. Series and study rows stay, with
-  their instance count brought down (see :func:`_forget_instances`).
-* **Jobs** (the job folder under ``HOME/jobs`` and the job's step, artifact and delivery rows):
-  ``jobs_days`` after the job ended, unless one of its results is not delivered (pending,
-  failed or dead-lettered: it waits for ``rtauto replay``). A job folder outside ``HOME/jobs``
-  (``rtauto run --out``) is never touched; only its rows go.
+* **Received instances** (spool files and instance rows): by patient, a series at a time and
+  a series whole. Nothing of a patient goes while anything of theirs arrived within
+  ``received_days`` (the planning CT stays as long as the daily CBCTs of the course keep
+  coming; an instance sent again counts, as a re-send touches its file's modification time),
+  while a job on any of their studies is pending or running or has a result not delivered, or
+  while one of their series has not been seen complete. A series with an indexed file missing
+  or outside the spool (a spool not mounted, a purge run on the wrong home) is kept and
+  reported, never forgotten unread. Each series is looked at again under the spool's lock
+  before it goes, so it never goes in part. Series and study rows stay, emptied (see
+  :func:`_forget_instances`): an emptied series is absent for triggers and for steps that
+  look up a patient's earlier images until it is sent again.
+* **Jobs**: ``jobs_days`` after the job ended, unless one of its results is not delivered
+  (pending, failed or dead-lettered: it waits for ``rtauto replay``), its folder under
+  ``HOME/jobs`` goes; its rows (the job, its steps, artifacts and deliveries) go with it once
+  its study holds no received instance, as until then the job's record is what keeps a
+  series sent again from running the workflow (and delivering) a second time. A job folder
+  outside ``HOME/jobs`` (``rtauto run --out``) is never touched.
 * **Quarantine** (``<uuid>.bin`` and its ``<uuid>.json``): by the files' age.
 * **Audit events**: by age.
 
@@ -69,8 +75,10 @@ _NOT_ASSEMBLED = ("run", "batch")
 KEPT_UNFINISHED_JOB = "patients with a pending or running job, or a result not delivered"
 KEPT_INCOMPLETE = "patients with a series not yet complete"
 KEPT_SPOOL_BUSY = "series skipped while the spool was busy"
-KEPT_RECEIVED_AGAIN = "instances received again within the period"
+KEPT_RECEIVED_AGAIN = "series with an instance received again within the period"
+KEPT_FILE_MISSING = "series with an indexed file missing or outside the spool"
 KEPT_UNDELIVERED = "jobs with a result not delivered"
+KEPT_STUDY_HELD = "job records kept while their study's received data is kept"
 
 
 @dataclass
@@ -83,6 +91,7 @@ class PurgeReport:
     instances: int = 0
     instance_bytes: int = 0
     jobs: int = 0
+    job_folders: int = 0
     job_bytes: int = 0
     quarantined_files: int = 0
     quarantine_bytes: int = 0
@@ -91,8 +100,15 @@ class PurgeReport:
 
     @property
     def removed_anything(self) -> bool:
-        return bool(self.instances or self.series or self.jobs or self.quarantined_files) or bool(
-            self.audit_events
+        return any(
+            (
+                self.instances,
+                self.series,
+                self.jobs,
+                self.job_folders,
+                self.quarantined_files,
+                self.audit_events,
+            )
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -103,7 +119,8 @@ class PurgeReport:
         parts = [
             f"{self.instances} instance(s) in {self.series} series of {self.patients} "
             f"patient(s) ({_mb(self.instance_bytes)})",
-            f"{self.jobs} job(s) ({_mb(self.job_bytes)})",
+            f"{self.jobs} job(s) and the folders of {self.job_folders} more "
+            f"({_mb(self.job_bytes)})",
             f"{self.quarantined_files} quarantined file(s) ({_mb(self.quarantine_bytes)})",
             f"{self.audit_events} audit event(s)",
         ]
@@ -117,6 +134,16 @@ class PurgeReport:
 
 def _mb(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
+
+
+@dataclass(frozen=True)
+class _SpoolFile:
+    """A received instance's file as a retention pass found it."""
+
+    sop_uid: str
+    path: Path
+    size: int
+    mtime: float
 
 
 class PurgeRunning(RtautoError):
@@ -173,6 +200,8 @@ class _Pass:
         self.stop = stop
         self.report = PurgeReport(dry_run=dry_run)
         self.kept: Counter[str] = Counter()
+        # series this pass emptied (or, in a dry run, would have)
+        self.emptied: set[str] = set()
 
     # -- received instances --------------------------------------------------------------------
     def received(self, cutoff: float) -> None:
@@ -195,6 +224,7 @@ class _Pass:
             key = ("patient", row.patient_id) if row.patient_id else ("study", row.study_uid)
             groups.setdefault(key, []).append(row)
         spool = Spool(self.settings)
+        root = spool.spool_dir.resolve()
         try:
             for members in groups.values():
                 if self.stop():
@@ -209,92 +239,124 @@ class _Pass:
                 ):
                     self.kept[KEPT_INCOMPLETE] += 1
                     continue
-                removed_any = False
-                for row in members:
-                    if row.instance_count:  # else emptied by an earlier pass
-                        removed_any |= self._series(spool, row.series_uid, row.study_uid, cutoff)
-                self.report.patients += removed_any
+                holding = [row for row in members if row.instance_count]  # else emptied before
+                files: dict[str, list[_SpoolFile]] = {}
+                for row in holding:
+                    found = self._files_of(root, row.series_uid, cutoff)
+                    if found is None:
+                        break  # the patient is kept whole: the reason is counted
+                    files[row.series_uid] = found
+                else:
+                    removed = [self._remove(spool, row, files[row.series_uid]) for row in holding]
+                    self.report.patients += any(removed)
         finally:
             spool.close()
 
-    def _series(self, spool: Spool, series_uid: str, study_uid: str, cutoff: float) -> bool:
-        """Remove the instances of one series older than ``cutoff``; whether any went."""
-        instances = [(i.sop_uid, i.path) for i in self.store.instances_of_series(series_uid)]
-        root = spool.spool_dir.resolve()
+    def _files_of(self, root: Path, series_uid: str, cutoff: float) -> list[_SpoolFile] | None:
+        """The spool files of a series, all last received before ``cutoff``; None (the reason
+        counted in ``kept``) when one was received again since, or is missing, or lies outside
+        the spool."""
+        files = []
+        for instance in self.store.instances_of_series(series_uid):
+            path = _inside(root, instance.path)
+            try:
+                st = path.stat() if path is not None else None
+            except FileNotFoundError:
+                st = None
+            if st is None:
+                log.warning(
+                    "retention keeps series %s: its instance %s is indexed at %s, which is %s",
+                    series_uid,
+                    instance.sop_uid,
+                    root / instance.path,
+                    "missing (is the spool mounted?)" if path is not None else "outside the spool",
+                )
+                self.kept[KEPT_FILE_MISSING] += 1
+                return None
+            if st.st_mtime >= cutoff:
+                self.kept[KEPT_RECEIVED_AGAIN] += 1
+                return None
+            files.append(_SpoolFile(instance.sop_uid, path, st.st_size, st.st_mtime))
+        return files
+
+    def _remove(self, spool: Spool, row: Any, files: list[_SpoolFile]) -> bool:
+        """Remove one series' files and index rows, whole or not at all; whether it went."""
         if self.dry_run:
-            gone = self._old_instances(root, instances, cutoff)
-            self.report.instances += len(gone)
-            self.report.series += len(gone) == len(instances)
-            return bool(gone)
+            self._count_removed(row.series_uid, files)
+            return True
+        series_dir = spool.spool_dir.resolve() / row.study_uid / row.series_uid
         with spool.exclusive() as held:
             if not held:
                 self.kept[KEPT_SPOOL_BUSY] += 1
                 return False
-            # looked at again under the lock: a job made or an instance indexed since the
-            # pass began keeps the series
+            # looked at again under the lock: a job made, an instance indexed, a file named
+            # or one received again since the pass began keeps the series
             with self.store.session() as s:
-                busy = study_uid in _busy_studies(s)
-                last = s.scalar(select(Series.last_received).where(Series.series_uid == series_uid))
-            if busy or last is None or last >= cutoff:
+                busy = row.study_uid in _busy_studies(s)
+                last = s.scalar(
+                    select(Series.last_received).where(Series.series_uid == row.series_uid)
+                )
+            if busy or last is None or last > row.last_received:
                 self.kept[KEPT_UNFINISHED_JOB if busy else KEPT_RECEIVED_AGAIN] += 1
                 return False
-            gone = self._old_instances(root, instances, cutoff)
-            for _sop, path in gone:
-                if path is not None:
-                    path.unlink(missing_ok=True)
-            emptied = _forget_instances(self.store, series_uid, [sop for sop, _path in gone])
-            series_dir = root / study_uid / series_uid
+            listed = {f.path.name: f for f in files if f.path.parent == series_dir}
+            if len(listed) != len(files) or _changed_since_listed(series_dir, listed):
+                self.kept[KEPT_RECEIVED_AGAIN] += 1
+                return False
+            for file in files:
+                file.path.unlink(missing_ok=True)
+            _forget_instances(self.store, row.series_uid, [f.sop_uid for f in files])
             for folder in (series_dir, series_dir.parent):
                 try:
                     folder.rmdir()  # only when empty
                 except OSError:
                     break
-        self.report.instances += len(gone)
-        self.report.series += emptied
-        return bool(gone)
+        self._count_removed(row.series_uid, files)
+        return True
 
-    def _old_instances(
-        self, root: Path, instances: list[tuple[str, str]], cutoff: float
-    ) -> list[tuple[str, Path | None]]:
-        """The instances whose spool file was last received before ``cutoff`` (or is
-        missing), with the file (None: not inside the spool); their sizes are counted."""
-        old = []
-        for sop, rel in instances:
-            path = _inside(root, rel)
-            try:
-                st = path.stat() if path is not None else None
-            except FileNotFoundError:
-                st = None
-            if st is not None and st.st_mtime >= cutoff:
-                self.kept[KEPT_RECEIVED_AGAIN] += 1
-                continue
-            self.report.instance_bytes += st.st_size if st is not None else 0
-            old.append((sop, path))
-        return old
+    def _count_removed(self, series_uid: str, files: list[_SpoolFile]) -> None:
+        self.report.instances += len(files)
+        self.report.instance_bytes += sum(f.size for f in files)
+        self.report.series += 1
+        self.emptied.add(series_uid)
 
     # -- jobs ----------------------------------------------------------------------------------
     def jobs(self, cutoff: float) -> None:
         ended_at = func.coalesce(Job.finished_at, Job.created_at)
         with self.store.session() as s:
             jobs = s.execute(
-                select(Job.id, Job.work_dir).where(Job.status.in_(ENDED), ended_at < cutoff)
+                select(Job.id, Job.work_dir, Job.study_uid).where(
+                    Job.status.in_(ENDED), ended_at < cutoff
+                )
             ).all()
             undelivered = set(
                 s.scalars(select(Delivery.job_id).where(Delivery.status != "delivered").distinct())
             )
+            holding = {
+                (study_uid, series_uid)
+                for study_uid, series_uid in s.execute(
+                    select(Series.study_uid, Series.series_uid).where(Series.instance_count > 0)
+                )
+            }
+        held_studies = {study for study, series in holding if series not in self.emptied}
         jobs_root = Path(self.settings.jobs_dir).resolve()
         gone: list[str] = []
-        for job_id, work_dir in jobs:
+        for job_id, work_dir, study_uid in jobs:
             if job_id in undelivered:
                 self.kept[KEPT_UNDELIVERED] += 1
                 continue
             folder = Path(work_dir).resolve() if work_dir else None
             if folder is not None and (folder == jobs_root or not folder.is_relative_to(jobs_root)):
                 folder = None  # not rtauto's to remove
-            if folder is not None and folder.is_dir():
+            removed_folder = folder is not None and folder.is_dir()
+            if removed_folder:
                 self.report.job_bytes += _tree_size(folder)
                 if not self.dry_run:
                     shutil.rmtree(folder, ignore_errors=True)
+            if study_uid in held_studies:
+                self.kept[KEPT_STUDY_HELD] += 1
+                self.report.job_folders += removed_folder
+                continue
             gone.append(job_id)
         self.report.jobs += len(gone)
         if self.dry_run or not gone:
@@ -359,19 +421,42 @@ def _inside(root: Path, rel: str) -> Path | None:
     return path if path.is_relative_to(root) and path != root else None
 
 
-def _forget_instances(store: Store, series_uid: str, sop_uids: list[str]) -> bool:
-    """Delete the index rows of removed instances and count what the series holds now.
-    Whether it holds nothing any more.
+def _forget_instances(store: Store, series_uid: str, sop_uids: list[str]) -> None:
+    """Delete the index rows of removed instances and take them off the series' count.
 
-    The series and study rows stay (a few hundred bytes each): a receiving process knows the
-    series it has indexed and leaves their header attributes out of later rows, so a series
-    sent again must find its row, with the attributes its triggers match on."""
+    The count goes down by the rows deleted, in the database (a receiving process that
+    indexes an instance of the series meanwhile adds to it concurrently; setting a count
+    read here would undo that). The series and study rows stay (a few hundred bytes each): a
+    receiving process knows the series it has indexed and leaves their header attributes out
+    of later rows, so a series sent again must find its row, with the attributes its
+    triggers match on."""
     with store.session() as s:
+        deleted = 0
         for start in range(0, len(sop_uids), 500):
-            s.execute(delete(Instance).where(Instance.sop_uid.in_(sop_uids[start : start + 500])))
-        left = s.scalar(_count(Instance).where(Instance.series_uid == series_uid)) or 0
-        s.execute(update(Series).where(Series.series_uid == series_uid).values(instance_count=left))
-        return left == 0
+            chunk = sop_uids[start : start + 500]
+            deleted += s.execute(delete(Instance).where(Instance.sop_uid.in_(chunk))).rowcount
+        s.execute(
+            update(Series)
+            .where(Series.series_uid == series_uid)
+            .values(instance_count=Series.instance_count - deleted)
+        )
+
+
+def _changed_since_listed(series_dir: Path, listed: dict[str, _SpoolFile]) -> bool:
+    """Whether the series' folder holds a file not ``listed`` (named since the list was
+    made) or a listed one touched since (received again)."""
+    try:
+        entries = list(os.scandir(series_dir))
+    except FileNotFoundError:
+        return True
+    for entry in entries:
+        file = listed.get(entry.name)
+        try:
+            if file is None or entry.stat(follow_symlinks=False).st_mtime != file.mtime:
+                return True
+        except FileNotFoundError:
+            return True
+    return len(entries) != len(listed)
 
 
 def _count(table: Any) -> Any:

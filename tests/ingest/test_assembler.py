@@ -180,3 +180,77 @@ def test_a_complete_series_no_workflow_takes_is_logged(site, caplog):
     with caplog.at_level(logging.INFO, logger="rtauto.assembler"):
         assert s.assembler.tick(T0 + 60) == []
     assert "no workflow takes it" in caplog.text
+
+
+def test_a_study_job_runs_again_once_when_a_required_series_grows(site, caplog):
+    s = site(STUDY_WORKFLOW)
+    ct, plan = new_uid(), new_uid()
+    first_sops = s.receive(ct, "CT", 3, T0)  # a CT cut off by a crash of its sender
+    s.receive(plan, "RTPLAN", 1, T0 + 1)
+    [first] = s.assembler.tick(T0 + 10)
+    assert len(first.input_instances) == 4  # it reads what the study held then
+    s.receive(ct, "CT", 2, T0 + 100)  # the rest of the CT
+    with caplog.at_level(logging.WARNING, logger="rtauto.assembler"):
+        [second] = s.assembler.tick(T0 + 110)
+    assert second.scope == "study" and set(second.input_series) == {ct, plan}
+    assert len(second.input_instances) == 6
+    assert "the workflow runs again on the whole study" in caplog.text
+    assert s.store.get_job(first.id).status == "fail"  # it had not started: superseded
+    [event] = s.store.audit_events("study.grown")
+    assert event.subject == s.study
+    assert event.data == {"job": second.id, "earlier_job": first.id}
+    # sent again, or an unrelated series: no third job, at a restart neither
+    s.receive(ct, "CT", 3, T0 + 200, sops=first_sops)
+    s.receive(new_uid(), "MR", 2, T0 + 200)
+    assert s.assembler.tick(T0 + 300) == []
+    s.store.set_job_status(second.id, "ok")
+    assert s.assembler.tick(T0 + 301) == []
+    assert len(s.jobs()) == 2
+
+
+def forget(s: Site, series: str) -> None:
+    """What retention does to a series it removes: its instance rows go, its row stays empty."""
+    from rtauto.retention import _forget_instances
+
+    _forget_instances(s.store, series, [i.sop_uid for i in s.store.instances_of_series(series)])
+
+
+def test_a_series_emptied_by_retention_counts_for_no_trigger(site):
+    s = site(STUDY_WORKFLOW)
+    ct, plan = new_uid(), new_uid()
+    s.receive(ct, "CT", 3, T0)
+    s.receive(plan, "RTPLAN", 1, T0 + 1)
+    assert len(s.assembler.tick(T0 + 10)) == 1
+    forget(s, ct)
+    forget(s, plan)
+    # months later a new plan in the study: its CT is gone, so no job on a CT of 0 slices
+    s.receive(new_uid(), "RTPLAN", 1, T0 + 1000)
+    assert s.assembler.tick(T0 + 1010) == []
+    assert s.assembler.tick(T0 + 1000 + 601) == []
+    events = s.store.audit_events("study.incomplete")
+    assert events and all("missing CT" in e.message for e in events)
+    assert len(s.jobs()) == 1
+
+
+def test_a_series_sent_in_part_after_retention_does_not_run_on_that_part(site, caplog):
+    s = site(SERIES_WORKFLOW)
+    ct = new_uid()
+    sops = s.receive(ct, "CT", 4, T0)
+    [first] = s.assembler.tick(T0 + 11)
+    s.store.set_job_status(first.id, "ok")
+    forget(s, ct)
+    # one new slice of the emptied series: running now would run on that one slice
+    late = s.receive(ct, "CT", 1, T0 + 1000)
+    with caplog.at_level(logging.WARNING, logger="rtauto.assembler"):
+        assert s.assembler.tick(T0 + 1011) == []
+    assert "send the whole series again" in caplog.text
+    [event] = s.store.audit_events("series.partial")
+    assert event.subject == ct and event.data == {"earlier_job": first.id}
+    # a part of it sent again: what the first job read already, nothing new to run
+    forget(s, ct)
+    s.receive(ct, "CT", 2, T0 + 2000, sops=sops[:2])
+    assert s.assembler.tick(T0 + 2011) == []
+    # the whole series sent again, with the new slice: the workflow runs on all of it
+    s.receive(ct, "CT", 3, T0 + 3000, sops=[*sops[2:], *late])
+    [again] = s.assembler.tick(T0 + 3011)
+    assert set(again.input_instances) == {*sops, *late}

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pydicom
 import pytest
 from sqlalchemy import update
 
@@ -19,8 +22,10 @@ from rtauto.ingest.spool import RefusedInstance, Spool
 from rtauto.locks import exclusive_lock
 from rtauto.retention import (
     DAY,
+    KEPT_FILE_MISSING,
     KEPT_INCOMPLETE,
     KEPT_RECEIVED_AGAIN,
+    KEPT_STUDY_HELD,
     KEPT_UNDELIVERED,
     KEPT_UNFINISHED_JOB,
     LOCK_FILE,
@@ -30,6 +35,7 @@ from rtauto.retention import (
 from rtauto.store import Store
 from rtauto.store.models import AuditEvent, Instance, Job, Series, Study
 from rtauto.testing import SyntheticSeries, write_ct_series
+from rtauto.uids import new_uid
 
 RECEIVED = RetentionSettings(received_days=30)
 
@@ -90,6 +96,16 @@ def ct(tmp_path: Path, name: str, patient: str, **kw) -> SyntheticSeries:
     return write_ct_series(
         tmp_path / name, rows=16, cols=16, slices=4, patient_id=patient, seed=len(name), **kw
     )
+
+
+def one_more_slice(tmp_path: Path, series: SyntheticSeries) -> Path:
+    """A further instance of ``series`` (a slice its sender sends late)."""
+    ds = pydicom.dcmread(series.files[-1])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = new_uid()
+    ds.InstanceNumber = len(series.files) + 1
+    path = tmp_path / "late.dcm"
+    ds.save_as(path)
+    return path
 
 
 def make_job(settings: Settings, store: Store, study_uid: str, status: str, **kw) -> Job:
@@ -212,10 +228,14 @@ def test_a_series_not_yet_seen_complete_keeps_its_patient(tmp_path, settings, st
     assert len(spool_files(settings, series)) == 4
 
 
-def test_an_instance_received_again_within_the_period_is_kept_unchanged(tmp_path, settings, store):
+def test_an_instance_received_again_within_the_period_keeps_its_patient_whole(
+    tmp_path, settings, store
+):
     series = ct(tmp_path, "ct", "PAT-1")
-    receive(settings, store, series)
-    age(settings, store, series, 40)
+    other = ct(tmp_path, "cbct", "PAT-1")
+    for each in (series, other):
+        receive(settings, store, each)
+        age(settings, store, each, 40)
     kept = spool_files(settings, series)[0]
     content = kept.read_bytes()
     resent = next(f for f in series.files if f.read_bytes() == content)
@@ -227,15 +247,158 @@ def test_an_instance_received_again_within_the_period_is_kept_unchanged(tmp_path
 
     report = purge(settings, store, retention=RECEIVED)
 
-    assert report.instances == 3 and report.series == 0
+    # no series goes in part (a partial series would pass for a complete one)
+    assert report.instances == report.series == report.patients == 0
     assert report.kept == {KEPT_RECEIVED_AGAIN: 1}
-    assert spool_files(settings, series) == [kept]
+    assert len(spool_files(settings, series)) == len(spool_files(settings, other)) == 4
     assert kept.read_bytes() == content
-    row = store.get_series(series.series_instance_uid)
-    assert row is not None and row.instance_count == 1
-    assert [i.path for i in store.instances_of_series(series.series_instance_uid)] == [
-        str(kept.relative_to(settings.spool_dir))
+    assert store.get_series(series.series_instance_uid).instance_count == 4
+
+    # once the re-send is past the period too, the patient goes whole
+    then = time.time() - 31 * DAY
+    os.utime(kept, (then, then))
+    report = purge(settings, store, retention=RECEIVED)
+    assert (report.patients, report.series, report.instances) == (1, 2, 8)
+    assert spool_files(settings, series) == spool_files(settings, other) == []
+
+
+def test_a_series_with_a_file_missing_is_kept_and_an_unmounted_spool_loses_no_row(
+    tmp_path, settings, store
+):
+    series = ct(tmp_path, "ct", "PAT-1")
+    other = ct(tmp_path, "other", "PAT-2")
+    for each in (series, other):
+        receive(settings, store, each)
+        age(settings, store, each, 40)
+    spool_files(settings, series)[0].unlink()  # removed by hand
+
+    report = purge(settings, store, retention=RECEIVED)
+
+    assert (report.patients, report.series, report.instances) == (1, 1, 4)  # PAT-2 only
+    assert report.kept == {KEPT_FILE_MISSING: 1}
+    assert len(store.instances_of_series(series.series_instance_uid)) == 4
+    assert len(spool_files(settings, series)) == 3
+
+    # the spool's files out of reach (a share not mounted): every row stays
+    receive(settings, store, other)  # PAT-2 again
+    age(settings, store, other, 40)
+    settings.spool_dir.rename(tmp_path / "spool-elsewhere")
+    settings.spool_dir.mkdir()
+    report = purge(settings, store, retention=RECEIVED)
+    assert report.instances == 0 and report.kept == {KEPT_FILE_MISSING: 2}
+    assert store.counts()["instances"] == 8
+
+
+def test_a_file_named_in_the_series_while_the_pass_runs_keeps_it_whole(
+    tmp_path, settings, store, monkeypatch
+):
+    from rtauto.retention import _Pass
+
+    series = ct(tmp_path, "ct", "PAT-1")
+    late = one_more_slice(tmp_path, series)
+    receive(settings, store, series)
+    age(settings, store, series, 40)
+    listed = _Pass._files_of
+
+    def then_a_slice_arrives(self, root, series_uid, cutoff):
+        found = listed(self, root, series_uid, cutoff)
+        spool = Spool(settings)
+        spool.ingest_file(late)  # named in the spool; its row is not indexed yet
+        spool.close()
+        return found
+
+    monkeypatch.setattr(_Pass, "_files_of", then_a_slice_arrives)
+    report = purge(settings, store, retention=RECEIVED)
+
+    assert report.instances == 0 and report.kept == {KEPT_RECEIVED_AGAIN: 1}
+    assert len(spool_files(settings, series)) == 5
+    assert len(store.instances_of_series(series.series_instance_uid)) == 4
+
+
+def test_removing_a_series_counts_down_by_the_rows_deleted(tmp_path, settings, store):
+    from rtauto.retention import _forget_instances
+
+    series = ct(tmp_path, "ct", "PAT-1")
+    receive(settings, store, series)
+    gone = [i.sop_uid for i in store.instances_of_series(series.series_instance_uid)]
+    late = one_more_slice(tmp_path, series)
+    spool = Spool(settings)
+    # indexed by a receiving process between the pass's look and its delete
+    assert store.record_instances([spool.ingest_file(late)]) == [True]
+    spool.close()
+
+    _forget_instances(store, series.series_instance_uid, [*gone, "1.2.3.404"])
+
+    assert store.get_series(series.series_instance_uid).instance_count == 1
+    assert len(store.instances_of_series(series.series_instance_uid)) == 1
+
+
+def test_an_emptied_series_is_absent_until_it_is_sent_again(tmp_path, settings, store):
+    planning = ct(tmp_path, "planning", "PAT-1")
+    receive(settings, store, planning)
+    age(settings, store, planning, 40)
+    assert purge(settings, store, retention=RECEIVED).series == 1
+
+    # a study trigger (CT + plan) and a step looking up the patient's CT see no CT
+    assert store.series_of_study(planning.study_instance_uid) == []
+    assert store.series_of_patient("PAT-1", modality="CT") == []
+    assert store.get_series(planning.series_instance_uid) is not None  # the row stays
+
+    receive(settings, store, planning)  # sent again
+    assert [r.series_uid for r in store.series_of_study(planning.study_instance_uid)] == [
+        planning.series_instance_uid
     ]
+    assert len(store.series_of_patient("PAT-1", modality="CT")) == 1
+
+
+def test_a_job_record_stays_while_its_study_holds_received_data(tmp_path, settings, store):
+    series = ct(tmp_path, "ct", "PAT-1")
+    receive(settings, store, series)
+    job = make_job(settings, store, series.study_instance_uid, "ok")
+    Path(job.work_dir).mkdir(parents=True)
+    (Path(job.work_dir) / "RS.dcm").write_bytes(b"x" * 100)
+    end_job(store, job, 100)
+    jobs_only = RetentionSettings(jobs_days=90)
+
+    report = purge(settings, store, retention=jobs_only)
+
+    # the folder goes; the record stays: it keeps a series sent again from running again
+    assert (report.jobs, report.job_folders, report.job_bytes) == (0, 1, 100)
+    assert report.kept == {KEPT_STUDY_HELD: 1}
+    assert not Path(job.work_dir).exists() and store.get_job(job.id) is not None
+    again = purge(settings, store, retention=jobs_only)
+    assert (again.jobs, again.job_folders) == (0, 0) and not again.removed_anything
+
+    # once the study's received data is gone, the record goes in the same pass
+    age(settings, store, series, 40)
+    both = RetentionSettings(received_days=30, jobs_days=90)
+    dry = purge(settings, store, retention=both, dry_run=True)
+    real = purge(settings, store, retention=both)
+    assert (dry.series, dry.jobs) == (real.series, real.jobs) == (1, 1)
+    assert store.get_job(job.id) is None
+
+
+def test_the_lock_files_are_taken_read_only(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to make a lock file that another user may read but not write")
+    folder = Path(tempfile.mkdtemp(prefix="rtauto-lock-"))
+    try:
+        folder.chmod(0o755)
+        lock = folder / "retention.lock"
+        os.close(exclusive_lock(lock))  # made by root, 0644
+        child = os.fork()
+        if child == 0:  # the daemon's own user, without write access to the lock file
+            code = 3
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                code = 0 if exclusive_lock(lock) is not None else 4
+            finally:
+                os._exit(code)
+        _pid, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_a_dry_run_removes_nothing_and_reports_what_would_go(tmp_path, settings, store):

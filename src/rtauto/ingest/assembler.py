@@ -184,8 +184,10 @@ class Assembler:
     def _series_job(self, loaded: LoadedWorkflow, row: Series, instances: list[str]) -> Job | None:
         """The job of a series-scoped workflow on a quiet series; None when one ran on these
         instances already."""
-        base = job_key(loaded, "series", row.study_uid, [row.series_uid])
-        kwargs: dict[str, Any] = dict(
+        job = self._job_or_rerun(
+            loaded,
+            base=job_key(loaded, "series", row.study_uid, [row.series_uid]),
+            key_instances=instances,
             scope="series",
             study_uid=row.study_uid,
             series_uid=row.series_uid,
@@ -193,7 +195,6 @@ class Assembler:
             key_series=[row.series_uid],
             input_instances=instances,
         )
-        job = create_job_for(self.store, self.settings, loaded, dedupe_key=base, **kwargs)
         if job is not None:
             log.info(
                 "job %s: workflow %s on series %s (%d instances)",
@@ -202,43 +203,90 @@ class Assembler:
                 row.series_uid,
                 len(instances),
             )
+        return job
+
+    def _job_or_rerun(
+        self,
+        loaded: LoadedWorkflow,
+        *,
+        base: str,
+        key_instances: list[str],
+        **kwargs: Any,
+    ) -> Job | None:
+        """The job keyed ``base``; when it exists already, a further job on what the series
+        hold now if ``key_instances`` (those of the series the job is keyed by) grew since it
+        was made; else None.
+
+        One job per size the key series reach: a restart never runs one twice (the key is
+        hashed: the column holds 128 characters). A job on what is left after retention
+        removed some of what the earlier job read would run on part of the data: it is not
+        made, and the operator is told to send the whole series again."""
+        job = create_job_for(self.store, self.settings, loaded, dedupe_key=base, **kwargs)
+        if job is not None:
             return job
         first = self.store.job_by_dedupe_key(base)
         if first is None or first.input_instances is None:
             return None  # a job from before rtauto recorded its instances: left alone
-        if set(instances) <= set(first.input_instances):
+        read = set(first.input_instances)
+        if set(key_instances) <= read:
             return None  # nothing new (a re-sent instance does not even reach here)
-        # one job per size the series reached: a restart never runs it twice (hashed: the
-        # key column holds 128 characters)
-        grown = hashlib.sha256(f"{base}:n{len(instances)}".encode()).hexdigest()
+        name = loaded.workflow.name
+        scope = kwargs["scope"]
+        uid = kwargs["series_uid"] if scope == "series" else kwargs["study_uid"]
+        subject = f"{scope} {uid}"
+        lost = read - set(kwargs["input_instances"])
+        if lost:
+            log.warning(
+                "%s has %d new instance(s) since job %s of workflow %s ran, but %d of the "
+                "instances that job read are no longer held (removed by retention); the "
+                "workflow does not run on part of the data: send the whole series again",
+                subject,
+                len(set(key_instances) - read),
+                first.id[:8],
+                name,
+                len(lost),
+            )
+            self.store.audit(
+                f"{scope}.partial",
+                uid,
+                f"new instances after {len(lost)} of job {first.id}'s inputs were removed",
+                earlier_job=first.id,
+            )
+            return None
+        grown = hashlib.sha256(f"{base}:n{len(key_instances)}".encode()).hexdigest()
         job = create_job_for(
             self.store, self.settings, loaded, dedupe_key=f"grown:{grown}", **kwargs
         )
-        if job is not None:
-            # an earlier job on part of the series that has not started yet never will
-            self.store.supersede_pending_jobs(
-                self.store.job_ids_of_series(loaded.workflow.name, row.series_uid),
-                job.id,
-                f"superseded by job {job.id[:8]}: the series grew to {len(instances)} instances",
-            )
-            log.warning(
-                "job %s: series %s has %d instances now, %d when job %s of workflow %s ran "
-                "on it; the workflow runs again on the whole series (the earlier job's "
-                "results were made on part of it)",
-                job.id[:8],
-                row.series_uid,
-                len(instances),
-                len(first.input_instances),
-                first.id[:8],
-                loaded.workflow.name,
-            )
-            self.store.audit(
-                "series.grown",
-                row.series_uid,
-                f"{len(instances)} instances, {len(first.input_instances)} in job {first.id}",
-                job=job.id,
-                earlier_job=first.id,
-            )
+        if job is None:
+            return None
+        # an earlier job on part of the data that has not started yet never will
+        if scope == "series":
+            earlier = self.store.job_ids_of_series(name, uid)
+        else:
+            earlier = self.store.job_ids_of_study(name, uid)
+        held = len(kwargs["input_instances"])
+        self.store.supersede_pending_jobs(
+            earlier, job.id, f"superseded by job {job.id[:8]}: {subject} grew to {held} instances"
+        )
+        log.warning(
+            "job %s: %s has %d instances now, %d when job %s of workflow %s ran on it; the "
+            "workflow runs again on the whole %s (the earlier job's results were made on "
+            "part of it)",
+            job.id[:8],
+            subject,
+            held,
+            len(read),
+            first.id[:8],
+            name,
+            scope,
+        )
+        self.store.audit(
+            f"{scope}.grown",
+            uid,
+            f"{held} instances, {len(read)} in job {first.id}",
+            job=job.id,
+            earlier_job=first.id,
+        )
         return job
 
     def _study_pass(self, workflows: list[LoadedWorkflow], now: float) -> list[Job]:
@@ -285,15 +333,20 @@ class Assembler:
                         r.matches(by_uid[uid].modality, by_uid[uid].attributes) for r in requires
                     )
                 ]
-                job = create_job_for(
-                    self.store,
-                    self.settings,
+                instances = {
+                    uid: [i.sop_uid for i in self.store.instances_of_series(uid)]
+                    for uid in decision.selected
+                }
+                job = self._job_or_rerun(
                     loaded,
+                    base=job_key(loaded, "study", study.study_uid, required),
+                    key_instances=[sop for uid in required for sop in instances[uid]],
                     scope="study",
                     study_uid=study.study_uid,
                     series_uid=None,
                     input_series=decision.selected,
                     key_series=required,
+                    input_instances=[sop for uid in decision.selected for sop in instances[uid]],
                 )
                 if job is not None:
                     log.info(

@@ -396,11 +396,13 @@ class Store:
             return list(s.scalars(select(Study).where(Study.completed_at.is_(None))))
 
     def series_of_study(self, study_uid: str) -> list[Series]:
+        """The series of a study that hold instances (a series retention emptied is absent
+        until it is sent again), first received first."""
         with self.session() as s:
             return list(
                 s.scalars(
                     select(Series)
-                    .where(Series.study_uid == study_uid)
+                    .where(Series.study_uid == study_uid, Series.instance_count > 0)
                     .order_by(Series.first_received)
                 )
             )
@@ -424,9 +426,10 @@ class Store:
             )
 
     def series_of_patient(self, patient_id: str, modality: str | None = None) -> list[Series]:
-        """Every series of a patient (newest first), for steps that look up earlier images."""
+        """Every series of a patient that holds instances (newest first), for steps that look
+        up earlier images (a series retention emptied is absent)."""
         with self.session() as s:
-            q = select(Series).where(Series.patient_id == patient_id)
+            q = select(Series).where(Series.patient_id == patient_id, Series.instance_count > 0)
             if modality:
                 q = q.where(Series.modality == modality)
             return list(s.scalars(q.order_by(Series.last_received.desc())))
@@ -638,6 +641,21 @@ class Store:
                 s.scalars(
                     select(Job.id)
                     .where(Job.workflow_name == workflow_name, Job.series_uid == series_uid)
+                    .order_by(Job.created_at)
+                )
+            )
+
+    def job_ids_of_study(self, workflow_name: str, study_uid: str) -> list[str]:
+        """The ids of one workflow's study-scoped jobs on one study, oldest first."""
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(Job.id)
+                    .where(
+                        Job.workflow_name == workflow_name,
+                        Job.study_uid == study_uid,
+                        Job.scope == "study",
+                    )
                     .order_by(Job.created_at)
                 )
             )
