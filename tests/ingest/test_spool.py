@@ -214,6 +214,22 @@ def test_resend_of_identical_instance_is_idempotent(settings: Settings, ct_serie
     assert not list(settings.quarantine_dir.iterdir())
 
 
+def test_a_resent_instance_whose_file_another_user_owns_is_still_accepted(
+    settings: Settings, ct_series: SyntheticSeries, monkeypatch: pytest.MonkeyPatch, caplog
+):
+    spool = Spool(settings)
+    first = spool.ingest_file(ct_series.files[0])
+
+    def not_yours(path, *args, **kwargs):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr("rtauto.ingest.spool.os.utime", not_yours)
+    again = spool.ingest_file(ct_series.files[0])
+    assert again.path == first.path and len(spool_files(settings)) == 1
+    assert "belongs to another user" in caplog.text
+    assert not list(settings.quarantine_dir.iterdir())
+
+
 def test_same_uid_with_other_content_keeps_the_first(
     settings: Settings, ct_series: SyntheticSeries, tmp_path: Path
 ):

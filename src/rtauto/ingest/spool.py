@@ -601,7 +601,7 @@ class Spool:
                 same_syntax = kept_meta is not None and kept_meta.transfer_syntax == transfer_syntax
                 same = same_syntax and kept_dataset == dataset
                 if same:
-                    os.utime(dest)  # received again now: retention counts from here
+                    _touch_resent(dest)
             if not same:
                 sizes = f"{len(dataset)} bytes of data set here, {len(kept_dataset)} kept"
                 if not same_syntax:
@@ -836,6 +836,20 @@ class Spool:
             called_ae=self.settings.scp.ae_title if written_by_scp else "",
             attributes=header_attributes(layout),
             received_at=file.stat().st_mtime,
+        )
+
+
+def _touch_resent(path: Path) -> None:
+    """Set a re-sent instance's file's modification time to now: retention counts from the
+    last time it came. A file the daemon's user may not touch (written by another user, say
+    ``rtauto run`` as root into the daemon's home) is still stored; only that clock stays."""
+    try:
+        os.utime(path)
+    except PermissionError:
+        log.warning(
+            "re-sent instance %s: its spool file belongs to another user, so retention counts "
+            "from its first arrival (give the spool to the daemon's user)",
+            path,
         )
 
 
