@@ -133,6 +133,10 @@ class Engine:
             row = steps[step_id]
             if row.status in TERMINAL_STEP_STATES:
                 continue
+            if row.status == "running":
+                # in flight, or it ended since `steps` was read (it is no longer in flight
+                # then); one a stop left running was made pending again by recover()
+                continue
             with self._lock:
                 if (job.id, step_id) in self._inflight:
                     continue
