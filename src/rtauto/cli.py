@@ -203,6 +203,8 @@ def _print_job(summary: dict[str, Any]) -> None:
             f"  resumed {resume['at']} by {resume['by']} ({resume['reason']}): "
             + ", ".join(resume["steps"])
         )
+        if resume.get("earlier_error"):
+            typer.echo(f"    it had ended FAIL: {resume['earlier_error'].splitlines()[0]}")
     for step in summary["steps"]:
         line = f"  {step['id']:<16} {step['uses']:<28} {step['outcome']}"
         if step.get("outputs", {}).get("outcome"):

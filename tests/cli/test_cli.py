@@ -444,6 +444,7 @@ def test_resume_runs_a_failed_jobs_failed_and_skipped_steps_and_replay_points_to
 
         shown = rtauto("jobs", job.id[:8], "--home", home).stdout
         assert "Z by operator (rtauto resume): send, copy" in shown
+        assert "    it had ended FAIL: step send failed: 3 of 3 item(s)" in shown
         again = rtauto("resume", job.id[:8], "--home", home)
         assert again.returncode == 1
         assert f"job {job.id[:8]} ended OK: nothing to resume" in again.stderr

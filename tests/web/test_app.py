@@ -143,6 +143,7 @@ def test_jobs_awaiting_redelivery_and_resumed_jobs_are_shown(tmp_path: Path):
         assert "<h2>Resumed jobs</h2>" in page and f"<code>{job.id[:12]}</code>" in page
         [resume] = client.get(f"/api/jobs/{job.id}").json()["resumes"]
         assert resume["by"] == "daemon" and resume["steps"] == ["send"]
+        assert resume["earlier_error"] == "step send failed"
 
         settings.dead_letters.retry_for_hours = 0  # no background retry: none awaited
         assert client.get("/api/status").json()["dead_letters"]["retry_enabled"] is False
