@@ -198,6 +198,13 @@ def _print_job(summary: dict[str, Any]) -> None:
         f"job {summary['job']}  {summary['workflow']}  {summary['status'].upper()}"
         + (f"  ({summary['error']})" if summary.get("error") else "")
     )
+    for resume in summary.get("resumes", []):
+        typer.echo(
+            f"  resumed {resume['at']} by {resume['by']} ({resume['reason']}): "
+            + ", ".join(resume["steps"])
+        )
+        if resume.get("earlier_error"):
+            typer.echo(f"    it had ended FAIL: {resume['earlier_error'].splitlines()[0]}")
     for step in summary["steps"]:
         line = f"  {step['id']:<16} {step['uses']:<28} {step['outcome']}"
         if step.get("outputs", {}).get("outcome"):
@@ -643,13 +650,15 @@ def replay(
         rows = replay_job(store, settings, host, job.id, destination=to)
     except RtautoError as exc:
         _die(f"rtauto replay: {exc}", 1)
+    resumable = _resumable(store, job)
     if not rows:
         if job.status not in ("ok", "fail"):
             _die(f"rtauto replay: job {job.id[:8]} is still {job.status}: nothing to send yet", 1)
         why = f" (it ended {job.status.upper()}: {job.error})" if job.error else ""
+        resume = f"`rtauto resume {job.id[:8]}` runs its failed steps again, " if resumable else ""
         _die(
             f"rtauto replay: job {job.id[:8]} delivered nothing that could be sent again{why}; "
-            f"`rtauto rerun {job.id[:8]}` runs its workflow again",
+            f"{resume}`rtauto rerun {job.id[:8]}` runs its workflow again",
             1,
         )
     failed = 0
@@ -657,7 +666,30 @@ def replay(
         failed += row.status != "delivered"
         why = f"  ({row.error})" if row.error else ""
         typer.echo(f"{row.status:<10} {row.destination}  {row.path}{why}")
+    if resumable:
+        # a replay sends items; only a resume runs the steps that waited for them, and
+        # only it ends the job OK
+        typer.echo(
+            f"job {job.id[:8]} stays FAIL: `rtauto resume {job.id[:8]}` runs its failed steps "
+            "again, and the steps skipped because of them (what is delivered is not sent again)"
+        )
     raise typer.Exit(1 if failed else 0)
+
+
+def _made_by(job: Any) -> str:
+    """``run`` or ``batch`` for a job of those commands, which no daemon runs; else
+    ``daemon`` (the daemon's own jobs and those of rtauto rerun)."""
+    made_by = job.dedupe_key.split(":", 1)[0]
+    return made_by if made_by in ("run", "batch") else "daemon"
+
+
+def _resumable(store: Any, job: Any) -> bool:
+    """Whether ``rtauto resume`` would take the job: a daemon's job with a failed step."""
+    return (
+        job.status == "fail"
+        and _made_by(job) == "daemon"
+        and any(s.status == "fail" for s in store.steps_of(job.id))
+    )
 
 
 def _job_of(
@@ -692,7 +724,7 @@ def rerun(
     settings, store, host, job = _job_of("rerun", job_id, config, home)
     if job.status not in ("ok", "fail"):
         _die(f"rtauto rerun: job {job.id[:8]} is still {job.status}; wait for it to end", 1)
-    made_by = job.dedupe_key.split(":", 1)[0]
+    made_by = _made_by(job)
     if made_by in ("run", "batch"):
         again = "rtauto run" if made_by == "run" else "rtauto batch (--retry-failed)"
         _die(
@@ -733,6 +765,49 @@ def rerun(
     typer.echo(
         f"job {new.id[:8]}: workflow {job.workflow_name} again, on {len(instances)} "
         f"instance(s) (job {job.id[:8]} ran on {before})"
+    )
+    if not _daemon_running(settings.home):
+        typer.echo("no daemon runs on this home now: the job runs when `rtauto serve` starts")
+
+
+@app.command()
+def resume(
+    job_id: Annotated[str, typer.Argument(help="the failed job to resume")],
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Run a failed job's failed steps again, and the steps skipped because of them, in the
+    same job.
+
+    The steps that ended OK do not run again, and nothing delivered is delivered twice:
+    for a job whose destination was down (its items in the dead-letter list), once the
+    destination is back. Each failed step's retry policy applies afresh. The daemon on this
+    home runs the job (at its next start, when none runs now).
+    """
+    from rtauto.engine.resume import resume_job
+    from rtauto.errors import ResumeRefused
+
+    settings, store, host, job = _job_of("resume", job_id, config, home)
+    made_by = _made_by(job)
+    if job.status == "fail" and made_by in ("run", "batch"):
+        # no daemon runs the jobs of rtauto run and batch: a resumed one would wait for ever
+        again = (
+            f"rtauto run again on its files (`rtauto replay {job.id[:8]}` sends its results)"
+            if made_by == "run"
+            else "rtauto batch --retry-failed"
+        )
+        _die(
+            f"rtauto resume: job {job.id[:8]} was made by rtauto {made_by}, whose jobs no "
+            f"daemon runs: run {again}",
+            1,
+        )
+    try:
+        steps = resume_job(store, job.id, host.steps, by="operator", reason="rtauto resume")
+    except ResumeRefused as exc:
+        _die(f"rtauto resume: {exc}", 1)
+    typer.echo(
+        f"job {job.id[:8]} resumed: step(s) {', '.join(steps)} run again (the steps that ended "
+        "OK do not, and what was delivered is not sent again)"
     )
     if not _daemon_running(settings.home):
         typer.echo("no daemon runs on this home now: the job runs when `rtauto serve` starts")
@@ -812,7 +887,18 @@ def _daemon_running(home: Path) -> bool:
 
 
 CORE_COMMANDS = frozenset(
-    {"serve", "run", "validate", "schema", "plugins", "jobs", "replay", "rerun", "purge"}
+    {
+        "serve",
+        "run",
+        "validate",
+        "schema",
+        "plugins",
+        "jobs",
+        "replay",
+        "rerun",
+        "resume",
+        "purge",
+    }
 )
 
 

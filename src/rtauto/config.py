@@ -24,6 +24,7 @@ from rtauto.errors import ConfigError
 
 __all__ = [
     "CompletionDefaults",
+    "DeadLetterSettings",
     "Destination",
     "ExecutorSettings",
     "RetentionSettings",
@@ -142,6 +143,31 @@ class RetentionSettings(_Strict):
         )
 
 
+class DeadLetterSettings(_Strict):
+    """The daemon's background retry of dead letters (items a routing step gave up on).
+
+    Every ``retry_every_minutes`` the daemon sends the dead letters of each failed job again,
+    each to the destination that gave up on it, when every failed step of the job failed
+    only for want of delivery (a step that failed on bad data is never retried) and the job
+    ended within ``retry_for_hours``. Once all of a job's dead letters arrived, the job is
+    resumed: its failed steps and the steps skipped because of them run again. A job whose
+    destination is still down stays FAIL meanwhile."""
+
+    retry_every_minutes: float = Field(
+        15.0, gt=0, description="how often the daemon sends the dead letters again"
+    )
+    retry_for_hours: float = Field(
+        72.0,
+        ge=0,
+        description="a job's dead letters are retried while it ended at most this many hours "
+        "ago (a destination down over a long weekend); 0 turns the background retry off",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.retry_for_hours > 0
+
+
 class WebSettings(_Strict):
     enabled: bool = False
     host: str = "127.0.0.1"
@@ -194,6 +220,7 @@ class Settings(_Strict):
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    dead_letters: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
     destinations: dict[str, Destination] = Field(default_factory=dict)
     plugins: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-plugin configuration blocks, by plugin name"

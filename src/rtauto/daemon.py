@@ -57,6 +57,8 @@ class Daemon:
         self.last_tick = 0.0
         self._next_purge = 0.0
         self._purger: threading.Thread | None = None
+        self._next_retry = 0.0
+        self._retrier: threading.Thread | None = None
         self._plugin_fingerprint = plugin_fingerprint(self.settings.plugin_modules.values())
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -171,6 +173,10 @@ class Daemon:
         if settings.retention.enabled:
             # the first retention pass a minute after the start (sooner with a shorter interval)
             self._next_purge = time.time() + min(60.0, settings.retention.interval_minutes * 60)
+        if settings.dead_letters.enabled:
+            # likewise the first retry of dead letters: those a stop left wait no longer
+            every = settings.dead_letters.retry_every_minutes * 60
+            self._next_retry = time.time() + min(60.0, every)
         self._write_state()
         self._loop = threading.Thread(target=self._run_loop, name="rtauto-loop", daemon=True)
         self._loop.start()
@@ -187,6 +193,8 @@ class Daemon:
             self._loop.join(timeout=30)
         if self._purger is not None:
             self._purger.join(timeout=30)  # it stops between series
+        if self._retrier is not None:
+            self._retrier.join(timeout=30)  # it stops between jobs
         if self.engine is not None:
             self.engine.close(wait=False)
         if self.store is not None:
@@ -265,6 +273,7 @@ class Daemon:
         self.assembler.tick(now)
         self.engine.tick()
         self._maybe_purge(now)
+        self._maybe_retry_dead_letters(now)
         self.last_tick = now
 
     def _maybe_purge(self, now: float) -> None:
@@ -294,6 +303,38 @@ class Daemon:
             log.info("%s", report.summary())
         elif report.kept:
             log.debug("%s", report.summary())
+
+    def _maybe_retry_dead_letters(self, now: float) -> None:
+        """Send dead letters again in the background when a pass is due (see
+        :mod:`rtauto.route.dead_letters`); a destination that does not answer must not hold
+        up the scheduling loop."""
+        policy = self.settings.dead_letters
+        if not policy.enabled or now < self._next_retry:
+            return
+        if self._retrier is not None and self._retrier.is_alive():
+            return
+        self._next_retry = now + policy.retry_every_minutes * 60
+        self._retrier = threading.Thread(
+            target=self._retry_dead_letters, name="rtauto-dead-letters", daemon=True
+        )
+        self._retrier.start()
+
+    def _retry_dead_letters(self) -> None:
+        from rtauto.route.dead_letters import retry_dead_letters
+
+        try:
+            report = retry_dead_letters(
+                self.settings,
+                self.store,
+                self.host,
+                hold=self.engine.holding,
+                stop=self._stop.is_set,
+            )
+        except Exception:
+            log.exception("retry of dead letters failed; the next pass tries again")
+            return
+        if report.jobs:
+            log.info("%s", report.summary())
 
 
 def read_state(home: Path) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@
     ├── WorkflowError          a workflow file is invalid (carries file:line:column messages)
     ├── IngestError            an incoming file was refused (and quarantined)
     ├── StoreError             the job store cannot be opened or migrated
+    ├── ResumeRefused          a job cannot be resumed (it did not fail, or was superseded)
     └── StepError              raised by a step to end itself
         ├── StepFailed         bad data: the step ends FAIL, no retry
         └── StepRetry          transient: the step is retried with backoff
@@ -46,6 +47,11 @@ class IngestError(RtautoError):
 
 class StoreError(RtautoError):
     """The job store cannot be opened or migrated."""
+
+
+class ResumeRefused(RtautoError):
+    """A job cannot be resumed; the message says why (it is still running, ended OK, was
+    superseded, or its workflow version no longer loads)."""
 
 
 class StepError(RtautoError):

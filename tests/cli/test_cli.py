@@ -260,7 +260,7 @@ def test_plugins_add_commands_through_rtauto_add_commands():
 
 def test_reading_commands_refuse_a_home_without_a_job_store(tmp_path):
     typo = tmp_path / "typo"
-    for args in (["jobs"], ["replay", "0123abcd"]):
+    for args in (["jobs"], ["replay", "0123abcd"], ["resume", "0123abcd"]):
         result = rtauto(*args, "--home", str(typo))
         assert result.returncode == 1
         assert f"no job store at {typo / 'rtauto.db'}" in result.stderr
@@ -353,6 +353,115 @@ def test_rerun_runs_a_job_again_on_what_its_series_hold_now_and_replay_points_to
     )
     refused = rtauto("rerun", ran["job"], "--home", str(out / ".rtauto"))
     assert refused.returncode == 1 and "made by rtauto run" in refused.stderr
+
+
+SHARED = """\
+name: to-share
+trigger: {modality: CT}
+steps:
+  - id: send
+    uses: route.folder
+    with: {destination: share, send: inputs}
+    retry: {max_attempts: 1}
+  - id: copy
+    uses: route.folder
+    needs: [send]
+    with: {path: copies, send: inputs}
+destinations:
+  share: {path: %(share)s}
+"""
+
+
+def test_resume_runs_a_failed_jobs_failed_and_skipped_steps_and_replay_points_to_it(
+    tmp_path: Path,
+) -> None:
+    from rtauto.config import Settings
+    from rtauto.engine.engine import Engine
+    from rtauto.ingest.assembler import create_job_for
+    from rtauto.ingest.spool import Spool
+    from rtauto.store import Store
+    from rtauto.workflow import load_workflow_text
+
+    series = write_ct_series(tmp_path / "ct", rows=16, cols=16, slices=3)
+    share = tmp_path / "share"  # a share not mounted: the folder is missing
+    settings = Settings(home=tmp_path / "home")
+    settings.ensure_dirs()
+    home = str(settings.home)
+    store = Store(settings.database_url, migrate=True)
+    host = build_plugin_manager(settings)
+    spool = Spool(settings)
+    store.record_instances([spool.ingest_file(path) for path in series.files])
+
+    def run_job(job_id: str) -> None:
+        engine = Engine(settings, store, host)
+        try:
+            engine.run_until_done([job_id])
+        finally:
+            engine.close()
+
+    try:
+        loaded = load_workflow_text(SHARED % {"share": share}, "to-share.yaml", host.steps)
+        job = create_job_for(  # as the daemon's assembler makes it
+            store,
+            settings,
+            loaded,
+            scope="series",
+            study_uid=series.study_instance_uid,
+            series_uid=series.series_instance_uid,
+            input_series=[series.series_instance_uid],
+            key_series=[series.series_instance_uid],
+        )
+        pending = rtauto("resume", job.id[:8], "--home", home)
+        assert pending.returncode == 1
+        assert f"job {job.id[:8]} is still pending: only a failed job is resumed" in (
+            pending.stderr
+        )
+        run_job(job.id)
+        assert store.get_job(job.id).status == "fail"
+        assert len(store.dead_letters()) == 3
+
+        # the share is mounted again: a replay delivers, but the job stays FAIL
+        share.mkdir()
+        replayed = rtauto("replay", job.id[:8], "--home", home)
+        assert replayed.returncode == 0, replayed.stderr
+        assert f"stays FAIL: `rtauto resume {job.id[:8]}` runs its failed steps" in (
+            replayed.stdout
+        )
+        assert len(list(share.rglob("*.dcm"))) == 3
+
+        resumed = rtauto("resume", job.id[:8], "--home", home)
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"job {job.id[:8]} resumed: step(s) send, copy run again" in resumed.stdout
+        assert "no daemon runs on this home now" in resumed.stdout
+        assert store.get_job(job.id).status == "pending"
+        run_job(job.id)
+        assert store.get_job(job.id).status == "ok"
+        # what the replay delivered was not sent again; the skipped step ran
+        assert len(list(share.rglob("*.dcm"))) == 3
+        assert len(list((settings.home / "copies").rglob("*.dcm"))) == 3
+        send = {s.step_id: s for s in store.steps_of(job.id)}["send"]
+        assert send.outputs["already_delivered"] == 3 and send.outputs["delivered"] == 0
+
+        shown = rtauto("jobs", job.id[:8], "--home", home).stdout
+        assert "Z by operator (rtauto resume): send, copy" in shown
+        assert "    it had ended FAIL: step send failed: 3 of 3 item(s)" in shown
+        again = rtauto("resume", job.id[:8], "--home", home)
+        assert again.returncode == 1
+        assert f"job {job.id[:8]} ended OK: nothing to resume" in again.stderr
+        [event] = store.audit_events("job.resumed")
+        assert event.data["earlier_steps"]["send"]["status"] == "fail"
+    finally:
+        store.close()
+
+    # a job of rtauto run: no daemon would run it if it were resumed
+    workflow = tmp_path / "to-share.yaml"
+    workflow.write_text(SHARED % {"share": tmp_path / "not-mounted"})
+    out = tmp_path / "out"
+    ran = rtauto("run", str(workflow), str(series.files[0]), "--out", str(out), "--json")
+    assert ran.returncode == 1 and json.loads(ran.stdout)["status"] == "fail"
+    refused = rtauto("resume", json.loads(ran.stdout)["job"], "--home", str(out / ".rtauto"))
+    assert refused.returncode == 1
+    assert "made by rtauto run, whose jobs no daemon runs" in refused.stderr
 
 
 def test_a_configured_destination_with_a_typo_is_refused_by_validate_and_serve(

@@ -8,8 +8,10 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -116,6 +118,55 @@ def exercise(store: Store, tmp_path: Path) -> None:
         newer.id: "pending",
     }
     assert {s.status for s in store.steps_of(waiting.id)} == {"skipped"}
+
+    # jobs that failed only for want of delivery: each failed step left dead letters
+    def failed_job(key: str, dead: bool) -> str:
+        made = store.create_job(**{**kwargs, "dedupe_key": key})
+        store.finish_step(made.id, "a", status="ok")
+        store.update_step(made.id, "b", attempts=3)
+        store.finish_step(made.id, "b", status="fail", error="tps: cannot connect")
+        if dead:
+            row = store.delivery(made.id, "b", "1.2.3.4", "x.dcm", "tps")
+            store.update_delivery(row.id, status="dead", attempts=3)
+        store.set_job_status(made.id, "fail", error="step b failed")
+        return made.id
+
+    undelivered = failed_job("wf:undelivered", dead=True)
+    failed_job("wf:bad-data", dead=False)
+    failed_job("run:0123", dead=True)  # rtauto run's: no daemon runs it
+    # a record left half sent: the step ended otherwise (a timeout), not retried in the
+    # background
+    half_sent = failed_job("wf:half-sent", dead=True)
+    store.delivery(half_sent, "b", "1.2.3.5", "y.dcm", "tps")
+    assert store.delivery_failed_jobs() == [undelivered]
+    assert store.delivery_failed_jobs(with_dead_letters=True) == [undelivered]
+    assert store.delivery_failed_jobs(ended_after=time.time() + 60) == []
+    # its dead letters delivered since (a replay): no longer waiting, still to be resumed
+    redelivered = failed_job("wf:redelivered", dead=True)
+    for row in store.deliveries_of(redelivered):
+        store.update_delivery(row.id, status="delivered")
+    assert store.delivery_failed_jobs() == [undelivered, redelivered]
+    assert store.delivery_failed_jobs(with_dead_letters=True) == [undelivered]
+
+    # resumed once, however many ask at once: the update holds only while it is failed
+    barrier = threading.Barrier(4)
+
+    def resume(who: int) -> bool:
+        barrier.wait()
+        return store.resume_job(undelivered, ["b"], by=f"operator {who}", reason="test")
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(resume, range(4))) == [False, False, False, True]
+    resumed = store.get_job(undelivered)
+    assert (resumed.status, resumed.error, resumed.finished_at) == ("pending", None, None)
+    steps = {s.step_id: s for s in store.steps_of(undelivered)}
+    assert (steps["a"].status, steps["b"].status, steps["b"].attempts) == ("ok", "pending", 0)
+    [event] = store.audit_events("job.resumed", subject=undelivered)
+    assert event.data["steps"] == ["b"] and event.data["earlier_error"] == "step b failed"
+    assert event.data["earlier_steps"]["b"]["attempts"] == 3
+    assert event.message == f"resumed by {event.data['by']}: test; step(s) run again: b (fail)"
+    assert store.delivery_failed_jobs() == [redelivered]
+    assert not store.resume_job(job.id, ["a"], by="operator", reason="not failed")
 
     # a series is marked complete only as the caller saw it
     row = store.get_series("1.2.3.20")

@@ -89,3 +89,63 @@ def test_metrics_name_every_job_and_delivery_status_and_dead_letters_are_listed(
         assert dead["destination"] == "tps" and "cannot connect" in dead["error"]
     finally:
         store.close()
+
+
+def test_jobs_awaiting_redelivery_and_resumed_jobs_are_shown(tmp_path: Path):
+    from rtauto.store.models import Delivery
+
+    settings = Settings(home=tmp_path / "home")
+    client, store = _client(settings)
+    try:
+        assert "rtauto_dead_letter_jobs 0" in client.get("/metrics").text
+        job = store.create_job(
+            dedupe_key="k",
+            workflow_name="w",
+            workflow_hash="0" * 64,
+            workflow_text="",
+            workflow_path="",
+            scope="series",
+            study_uid="1.2",
+            series_uid="1.2.1",
+            input_series=["1.2.1"],
+            step_ids=[("send", "route.dicom")],
+            jobs_dir=settings.jobs_dir,
+        )
+        store.finish_step(job.id, "send", status="fail", error="1 of 1 item(s) ... dead-letter")
+        store.set_job_status(job.id, "fail", error="step send failed")
+        with store.session() as s:
+            s.add(
+                Delivery(
+                    job_id=job.id,
+                    step_id="send",
+                    item_key="1.2.3",
+                    path="/x/RS.dcm",
+                    destination="tps",
+                    status="dead",
+                    attempts=10,
+                    updated_at=1.0,
+                )
+            )
+        assert "rtauto_dead_letter_jobs 1" in client.get("/metrics").text
+        status = client.get("/api/status").json()["dead_letters"]
+        assert status == {
+            "retry_enabled": True,
+            "retry_every_minutes": 15.0,
+            "retry_for_hours": 72.0,
+            "jobs_retried": 1,
+        }
+        assert "jobs awaiting redelivery<br><b>1</b>" in client.get("/").text
+        assert "Resumed jobs" not in client.get("/").text
+
+        assert store.resume_job(job.id, ["send"], by="daemon", reason="delivered")
+        assert "rtauto_dead_letter_jobs 0" in client.get("/metrics").text
+        page = client.get("/").text
+        assert "<h2>Resumed jobs</h2>" in page and f"<code>{job.id[:12]}</code>" in page
+        [resume] = client.get(f"/api/jobs/{job.id}").json()["resumes"]
+        assert resume["by"] == "daemon" and resume["steps"] == ["send"]
+        assert resume["earlier_error"] == "step send failed"
+
+        settings.dead_letters.retry_for_hours = 0  # no background retry: none awaited
+        assert client.get("/api/status").json()["dead_letters"]["retry_enabled"] is False
+    finally:
+        store.close()

@@ -2,7 +2,9 @@
 
 A job's steps move ``pending -> running -> ok | fail | skipped`` (``retry_wait`` between
 attempts of a transient failure). The store is the only record: after a crash, steps found
-``running`` are run again (in a fresh working folder), finished steps never are.
+``running`` are run again (in a fresh working folder), finished steps never are. A failed
+job that is resumed (:mod:`rtauto.engine.resume`) is pending again with its failed steps, and
+the steps skipped because of them, pending: the engine runs it like any other.
 
 The rule for ``needs`` and ``if:`` is the one in :mod:`rtauto.workflow.conditions`.
 """
@@ -13,8 +15,9 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,7 @@ class Engine:
             max_workers=settings.executor.workers, thread_name_prefix="rtauto-step"
         )
         self._inflight: dict[tuple[str, str], Future[None]] = {}
+        self._held: set[str] = set()  # jobs none of whose steps may start now (see holding)
         self._lock = threading.Lock()
         self._workflows: dict[tuple[str, str], LoadedWorkflow] = {}
         self._wake = threading.Event()
@@ -99,6 +103,20 @@ class Engine:
         self._wake.wait(timeout)
         self._wake.clear()
 
+    @contextmanager
+    def holding(self, job_id: str) -> Iterator[None]:
+        """No step of the job starts while this is held: the daemon sends a failed job's dead
+        letters outside the engine, and a resume at that moment (``rtauto resume``) must not
+        have its routing step send them too."""
+        with self._lock:
+            self._held.add(job_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held.discard(job_id)
+            self._wake.set()
+
     # -- workflow of a job -------------------------------------------------------------------
     def workflow_of(self, job: Job) -> LoadedWorkflow:
         """The exact workflow version the job was created with (kept in the store)."""
@@ -116,6 +134,9 @@ class Engine:
         """One scheduling pass over unfinished jobs; returns the number of steps started."""
         started = 0
         for job in self.store.unfinished_jobs():
+            with self._lock:
+                if job.id in self._held:
+                    continue
             started += self._schedule_job(job)
         return started
 
@@ -132,6 +153,10 @@ class Engine:
         for step_id in loaded.order:
             row = steps[step_id]
             if row.status in TERMINAL_STEP_STATES:
+                continue
+            if row.status == "running":
+                # in flight, or it ended since `steps` was read (it is no longer in flight
+                # then); one a stop left running was made pending again by recover()
                 continue
             with self._lock:
                 if (job.id, step_id) in self._inflight:

@@ -144,7 +144,8 @@ def rtauto_series_complete(series: Mapping[str, Any]) -> None:
 
 @hookspec
 def rtauto_job_started(job: Mapping[str, Any]) -> None:
-    """Called when a job's first step is about to run.
+    """Called when a job's first step is about to run, and again when a failed job that was
+    resumed (``rtauto resume``, the daemon's retry of dead letters) starts running again.
 
     ``job`` holds ``id``, ``workflow``, ``workflow_hash``, ``study_instance_uid``,
     ``series_instance_uid`` (None for study jobs) and ``status``.
@@ -167,6 +168,9 @@ def rtauto_step_finished(job: Mapping[str, Any], step: Mapping[str, Any]) -> Non
 @hookspec
 def rtauto_job_finished(job: Mapping[str, Any]) -> None:
     """Called after a job ends (``status`` is ``ok`` or ``fail``) and its state is stored.
+
+    A failed job that is resumed ends again: a second call, with its new ``status`` (an
+    alert raised for its failure can be cleared on ``ok``).
 
     Result: ignored. Errors: observer rule.
     """

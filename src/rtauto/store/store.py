@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, delete, event, func, select, update
+from sqlalchemy import create_engine, delete, event, exists, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -633,6 +633,115 @@ class Store:
                 )
         return ids
 
+    def resume_job(self, job_id: str, step_ids: Sequence[str], *, by: str, reason: str) -> bool:
+        """Set a failed job back to pending, and ``step_ids`` (its failed steps and the steps
+        skipped because of them) back to pending with no attempt made, so that the engine
+        runs them again under their retry policy afresh; the other steps keep their state.
+
+        Only while the job is still ``fail``: of two resumes at once, one happens. Returns
+        whether this one did. The ``job.resumed`` audit event names ``by`` (who resumed it)
+        and ``reason``, and keeps what the earlier attempts of each step and the job said.
+        """
+        with self.session() as s:
+            # the conditional update comes first: it takes the write lock before anything
+            # is read, and of two resumes at once the second finds the job no longer failed
+            resumed = s.execute(
+                update(Job).where(Job.id == job_id, Job.status == "fail").values(status="pending")
+            ).rowcount
+            if not resumed:
+                return False
+            job = s.get(Job, job_id)
+            rows = {
+                row.step_id: row
+                for row in s.scalars(
+                    select(StepRun).where(
+                        StepRun.job_id == job_id,
+                        StepRun.step_id.in_(list(step_ids)),
+                        StepRun.status.in_(["fail", "skipped"]),
+                    )
+                )
+            }
+            earlier = {
+                sid: {
+                    "status": rows[sid].status,
+                    "attempts": rows[sid].attempts,
+                    "error": rows[sid].error,
+                    "summary": rows[sid].summary,
+                    "started_at": rows[sid].started_at,
+                    "finished_at": rows[sid].finished_at,
+                }
+                for sid in step_ids
+                if sid in rows
+            }
+            s.add(
+                AuditEvent(
+                    ts=datetime.now(UTC),
+                    kind="job.resumed",
+                    subject=job_id,
+                    message=f"resumed by {by}: {reason}; step(s) run again: "
+                    + ", ".join(f"{sid} ({earlier[sid]['status']})" for sid in earlier),
+                    data={
+                        "by": by,
+                        "reason": reason,
+                        "steps": list(earlier),
+                        "earlier_steps": earlier,
+                        "earlier_error": job.error,
+                        "earlier_finished_at": job.finished_at,
+                    },
+                )
+            )
+            s.execute(update(Job).where(Job.id == job_id).values(error=None, finished_at=None))
+            s.execute(
+                update(StepRun)
+                .where(StepRun.job_id == job_id, StepRun.step_id.in_(list(earlier)))
+                .values(
+                    status="pending",
+                    attempts=0,
+                    next_attempt_at=None,
+                    outputs={},
+                    summary="",
+                    error=None,
+                    started_at=None,
+                    finished_at=None,
+                )
+            )
+        return True
+
+    def delivery_failed_jobs(
+        self, ended_after: float = 0.0, *, with_dead_letters: bool = False
+    ) -> list[str]:
+        """Ids of the jobs, oldest first, that ended FAIL after ``ended_after`` only for want
+        of delivery: each failed step gave up delivering (its items went to the dead-letter
+        list: its records are dead, or delivered since, by the daemon's retry or a replay;
+        none was left half sent). A step that failed on bad data recorded no delivery, and
+        would fail again. ``with_dead_letters``: only jobs with dead letters still. Jobs of
+        ``rtauto run`` and ``rtauto batch`` are left out: no daemon runs them."""
+
+        def records_of_step(*statuses: str) -> Any:
+            return exists().where(
+                Delivery.job_id == StepRun.job_id,
+                Delivery.step_id == StepRun.step_id,
+                Delivery.status.in_(statuses),
+            )
+
+        failed_otherwise = select(StepRun.job_id).where(
+            StepRun.status == "fail",
+            ~records_of_step("dead", "delivered") | records_of_step("pending", "sending"),
+        )
+        query = select(Job.id).where(
+            Job.status == "fail",
+            Job.finished_at >= ended_after,
+            Job.id.in_(select(StepRun.job_id).where(StepRun.status == "fail")),
+            Job.id.not_in(failed_otherwise),
+            Job.dedupe_key.not_like("run:%"),
+            Job.dedupe_key.not_like("batch:%"),
+        )
+        if with_dead_letters:
+            dead = select(Delivery.job_id).where(Delivery.status == "dead")
+            query = query.where(Job.id.in_(dead))
+        with self.session() as s:
+            return list(s.scalars(query.order_by(Job.finished_at)))
+
     def job_ids_of_series(self, workflow_name: str, series_uid: str) -> list[str]:
         """The ids of one workflow's jobs on one series, oldest first (ids only: no JSON
         columns are read)."""
@@ -811,9 +920,14 @@ class Store:
                 )
             )
 
-    def audit_events(self, kind_prefix: str = "", limit: int = 500) -> list[AuditEvent]:
+    def audit_events(
+        self, kind_prefix: str = "", limit: int = 500, subject: str | None = None
+    ) -> list[AuditEvent]:
+        """The newest audit events first; of one kind (prefix) and ``subject`` when given."""
         with self.session() as s:
             q = select(AuditEvent)
             if kind_prefix:
                 q = q.where(AuditEvent.kind.like(f"{kind_prefix}%"))
+            if subject is not None:
+                q = q.where(AuditEvent.subject == subject)
             return list(s.scalars(q.order_by(AuditEvent.id.desc()).limit(limit)))

@@ -60,6 +60,19 @@ def job_summary(store: Any, job_id: str) -> dict[str, Any]:
             }
             for d in store.deliveries_of(job.id)
         ],
+        # each time the failed job was resumed (rtauto resume, the daemon's retry of dead
+        # letters), oldest first, with the error it had ended with; each step's earlier
+        # attempts are in the job.resumed audit events
+        "resumes": [
+            {
+                "at": event.ts.isoformat() + "Z",
+                "by": event.data.get("by"),
+                "reason": event.data.get("reason"),
+                "steps": event.data.get("steps", []),
+                "earlier_error": event.data.get("earlier_error"),
+            }
+            for event in reversed(store.audit_events("job.resumed", subject=job.id))
+        ],
     }
 
 

@@ -34,6 +34,16 @@ def _status(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) ->
             .order_by(AuditEvent.id.desc())
             .limit(1)
         ).first()
+    policy = settings.dead_letters
+    retried = (
+        len(
+            store.delivery_failed_jobs(
+                ended_after=time.time() - policy.retry_for_hours * 3600, with_dead_letters=True
+            )
+        )
+        if policy.enabled
+        else 0
+    )
     quarantined = (
         # each refused file is kept as <uuid>.bin beside its <uuid>.json reason
         sum(1 for _ in settings.quarantine_dir.glob("*.bin"))
@@ -59,6 +69,13 @@ def _status(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) ->
         "home_total_bytes": total,
         "min_free_bytes": reserve,
         "ingest_paused": bool(reserve and free < reserve),
+        "dead_letters": {
+            "retry_enabled": policy.enabled,
+            "retry_every_minutes": policy.retry_every_minutes,
+            "retry_for_hours": policy.retry_for_hours,
+            # failed jobs whose results wait in the dead-letter list for the daemon's retry
+            "jobs_retried": retried,
+        },
         "retention": {
             "enabled": settings.retention.enabled,
             # the last pass that removed something (UTC), and what it removed
@@ -173,6 +190,13 @@ def _metrics(store: Store, settings: Any, extra: Callable[[], dict[str, Any]]) -
         ((f'{{status="{k}"}}', v) for k, v in _every(status["deliveries"], DELIVERY_STATUSES)),
     )
     family(
+        "rtauto_dead_letter_jobs",
+        "gauge",
+        "failed jobs whose dead letters the daemon sends again every retry_every_minutes; "
+        "each is resumed once all of them arrived",
+        iter([("", status["dead_letters"]["jobs_retried"])]),
+    )
+    family(
         "rtauto_workflows_loaded",
         "gauge",
         "workflows currently active",
@@ -202,6 +226,25 @@ def _every(counts: dict[str, int], known: tuple[str, ...]) -> list[tuple[str, in
     return sorted({**dict.fromkeys(known, 0), **counts}.items())
 
 
+def _resumed_table(store: Store, limit: int = 20) -> str:
+    """The failed jobs resumed last (rtauto resume, the daemon's retry of dead letters)."""
+    events = store.audit_events("job.resumed", limit=limit)
+    if not events:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(e.ts.strftime('%Y-%m-%d %H:%M:%S'))} UTC</td>"
+        f"<td><code>{html.escape(e.subject[:12])}</code></td>"
+        f"<td>{html.escape(str(e.data.get('by', '')))}</td>"
+        f"<td>{html.escape(', '.join(e.data.get('steps', [])))}</td>"
+        f"<td>{html.escape(str(e.data.get('reason', '')))}</td></tr>"
+        for e in events
+    )
+    return (
+        "<h2>Resumed jobs</h2><table><tr><th>when</th><th>job</th><th>by</th>"
+        f"<th>steps run again</th><th>why</th></tr>{rows}</table>"
+    )
+
+
 def _size(count: int) -> str:
     value = float(count)
     for unit in ("B", "KB", "MB", "GB"):
@@ -227,7 +270,8 @@ code{{font-size:.85rem}}</style></head><body>
 {errors}
 <h2>Recent jobs</h2>
 <table><tr><th>job</th><th>workflow</th><th>status</th><th>created</th><th>steps</th></tr>
-{jobs}</table></body></html>"""
+{jobs}</table>
+{resumed}</body></html>"""
 
 
 def create_app(
@@ -312,6 +356,7 @@ def create_app(
                     status["jobs"].get("running", 0) + status["jobs"].get("pending", 0),
                 ),
                 ("dead letters", status["deliveries"].get("dead", 0)),
+                ("jobs awaiting redelivery", status["dead_letters"]["jobs_retried"]),
                 ("quarantined files", status["quarantined"]),
                 (
                     "associations rejected since start",
@@ -367,6 +412,7 @@ def create_app(
             workflows=flows or '<tr><td colspan="3">none</td></tr>',
             errors=error_html,
             jobs="".join(rows) or '<tr><td colspan="5">no jobs yet</td></tr>',
+            resumed=_resumed_table(store),
         )
 
     return app

@@ -1,0 +1,124 @@
+"""The daemon's background retry of dead letters (the configuration's ``dead_letters:``).
+
+A pass looks at each job that ended FAIL within ``retry_for_hours`` only for want of delivery
+(every failed step left dead letters; a step that failed on bad data would fail again and is
+never retried here) and sends its dead letters again, each to the destination that gave up on
+it, outside the engine. While a destination stays down the job is left as it is, FAIL, with
+its items in the dead-letter list (their records count the attempts and keep the last error):
+it does not flap between FAIL and running, and observers are not told of it again. Once every
+dead letter of a job has arrived (in this pass, in one a stop cut short, or by ``rtauto
+replay``), the job is resumed (:func:`rtauto.engine.resume.resume_job`): its failed routing
+steps run again and find everything delivered, then the steps skipped because of them run (a
+REG sent only after the images it references were).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+from rtauto.config import Settings
+from rtauto.engine.resume import resume_job
+from rtauto.errors import ResumeRefused
+from rtauto.route.replay import send_dead_letters
+from rtauto.store import Store
+
+__all__ = ["RetryReport", "retry_dead_letters"]
+
+log = logging.getLogger("rtauto.route")
+
+
+@dataclass
+class RetryReport:
+    """What one pass did: dead letters sent again, how many arrived, jobs resumed."""
+
+    jobs: int = 0
+    delivered: int = 0
+    undelivered: int = 0
+    resumed: list[str] = field(default_factory=list)
+    errors: set[str] = field(default_factory=set)
+
+    def summary(self) -> str:
+        text = (
+            f"dead letters of {self.jobs} job(s) sent again: {self.delivered} delivered, "
+            f"{self.undelivered} still undelivered"
+        )
+        if self.resumed:
+            text += f"; resumed job(s) {', '.join(j[:8] for j in self.resumed)}"
+        if self.errors:
+            text += f" ({'; '.join(sorted(self.errors))})"
+        return text
+
+
+def retry_dead_letters(
+    settings: Settings,
+    store: Store,
+    host: Any,
+    *,
+    hold: Callable[[str], AbstractContextManager[Any]] = contextlib.nullcontext,
+    stop: Callable[[], bool] = lambda: False,
+    now: float | None = None,
+) -> RetryReport:
+    """One pass of the background retry (see the module doc).
+
+    ``hold(job_id)`` keeps the engine from starting any step of the job while its dead
+    letters are sent (:meth:`rtauto.engine.engine.Engine.holding`): a resume at that moment
+    must not send them too. ``stop()`` ends the pass between jobs. ``host`` gives the
+    destination types and the step types the resumed job's workflow loads with.
+    """
+    since = (time.time() if now is None else now) - settings.dead_letters.retry_for_hours * 3600
+    report = RetryReport()
+    for job_id in store.delivery_failed_jobs(ended_after=since):
+        if stop():
+            break
+        with hold(job_id):
+            # resumed meanwhile (rtauto resume): its routing steps send the dead letters
+            if store.job_statuses([job_id]).get(job_id) != "fail":
+                continue
+            if any(row.status == "dead" for row in store.deliveries_of(job_id)):
+                _send(store, settings, host, job_id, report)
+                if any(row.status == "dead" for row in store.deliveries_of(job_id)):
+                    continue
+            # every dead letter arrived (now, in an earlier pass that a stop cut short, or
+            # by rtauto replay): the steps that waited for them run
+            try:
+                steps = resume_job(
+                    store,
+                    job_id,
+                    host.steps,
+                    by="daemon",
+                    reason="its dead letters were all delivered",
+                )
+            except ResumeRefused as exc:
+                log.warning("the dead letters of job %s were delivered, but: %s", job_id[:8], exc)
+                continue
+            report.resumed.append(job_id)
+            log.info(
+                "job %s: every dead letter delivered; resumed (step(s) %s run again)",
+                job_id[:8],
+                ", ".join(steps),
+            )
+    return report
+
+
+def _send(store: Store, settings: Settings, host: Any, job_id: str, report: RetryReport) -> None:
+    """Send the job's dead letters again; count and audit what arrived."""
+    results = send_dead_letters(store, settings, host, job_id)
+    arrived = [r for r in results if r.delivered]
+    report.jobs += 1
+    report.delivered += len(arrived)
+    report.undelivered += len(results) - len(arrived)
+    report.errors.update(f"{r.destination}: {r.error}" for r in results if r.error)
+    if arrived:
+        store.audit(
+            "delivery.retried",
+            job_id,
+            f"the daemon's retry of dead letters delivered {len(arrived)} of "
+            f"{len(results)} item(s)",
+            results=[r.to_json() for r in results],
+        )
