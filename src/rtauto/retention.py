@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import aliased
 
 from rtauto.config import RetentionSettings, Settings
 from rtauto.errors import RtautoError
@@ -329,9 +330,7 @@ class _Pass:
                     Job.status.in_(ENDED), ended_at < cutoff
                 )
             ).all()
-            undelivered = set(
-                s.scalars(select(Delivery.job_id).where(Delivery.status != "delivered").distinct())
-            )
+            undelivered = set(s.scalars(_undelivered_jobs()))
             holding = {
                 (study_uid, series_uid)
                 for study_uid, series_uid in s.execute(
@@ -406,12 +405,29 @@ def _busy_studies(session: Any) -> set[str]:
     with a result not delivered (a routing step that sends the inputs reads the spool's
     files when ``rtauto replay`` sends them again)."""
     unfinished = select(Job.study_uid).where(Job.status.in_(UNFINISHED))
-    undelivered = (
-        select(Job.study_uid)
-        .join(Delivery, Delivery.job_id == Job.id)
-        .where(Delivery.status != "delivered")
-    )
+    undelivered = select(Job.study_uid).where(Job.id.in_(_undelivered_jobs()))
     return set(session.scalars(unfinished)) | set(session.scalars(undelivered))
+
+
+def _undelivered_jobs() -> Any:
+    """The ids of jobs with a routed item that reached none of its step's destinations (one
+    an alternate took after the primary failed is delivered)."""
+    arrived = aliased(Delivery)
+    delivered_elsewhere = (
+        select(arrived.id)
+        .where(
+            arrived.job_id == Delivery.job_id,
+            arrived.step_id == Delivery.step_id,
+            arrived.item_key == Delivery.item_key,
+            arrived.status == "delivered",
+        )
+        .exists()
+    )
+    return (
+        select(Delivery.job_id)
+        .where(Delivery.status != "delivered", ~delivered_elsewhere)
+        .distinct()
+    )
 
 
 def _inside(root: Path, rel: str) -> Path | None:

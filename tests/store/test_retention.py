@@ -215,6 +215,23 @@ def test_a_result_not_delivered_keeps_the_patients_received_data(tmp_path, setti
     assert purge(settings, store, retention=RECEIVED).instances == 4
 
 
+def test_an_item_an_alternate_destination_took_counts_as_delivered(tmp_path, settings, store):
+    series = ct(tmp_path, "ct", "PAT-1")
+    receive(settings, store, series)
+    age(settings, store, series, 40)
+    job = make_job(settings, store, series.study_instance_uid, "ok")
+    end_job(store, job, 100)
+    primary = store.delivery(job.id, "a", "1.2.3", "RS.dcm", "tps")
+    store.update_delivery(primary.id, status="failed")  # the TPS was down
+    alternate = store.delivery(job.id, "a", "1.2.3", "RS.dcm", "tps-backup")
+    store.update_delivery(alternate.id, status="delivered")
+
+    report = purge(settings, store, retention=RetentionSettings(received_days=30, jobs_days=90))
+
+    assert (report.instances, report.jobs) == (4, 1) and report.kept == {}
+    assert store.get_job(job.id) is None
+
+
 def test_a_series_not_yet_seen_complete_keeps_its_patient(tmp_path, settings, store):
     series = ct(tmp_path, "ct", "PAT-1")
     receive(settings, store, series)
