@@ -14,7 +14,10 @@ from typer.testing import CliRunner
 
 from rtauto import hookimpl
 from rtauto.cli import add_plugin_commands
+from rtauto.config import Settings
+from rtauto.engine.engine import Engine
 from rtauto.hooks import build_plugin_manager
+from rtauto.store import Store
 from rtauto.testing import ReceivingSCP, write_ct_series
 
 RTAUTO = [sys.executable, "-m", "rtauto.cli"]
@@ -258,6 +261,15 @@ def test_plugins_add_commands_through_rtauto_add_commands():
     assert result.exit_code == 0 and "hello dosimetry" in result.output
 
 
+def run_job(settings: Settings, store: Store, host, job_id: str) -> None:
+    """Run one job to its end with the engine the daemon uses."""
+    engine = Engine(settings, store, host)
+    try:
+        engine.run_until_done([job_id])
+    finally:
+        engine.close()
+
+
 def test_reading_commands_refuse_a_home_without_a_job_store(tmp_path):
     typo = tmp_path / "typo"
     for args in (["jobs"], ["replay", "0123abcd"], ["resume", "0123abcd"]):
@@ -272,11 +284,8 @@ def test_rerun_runs_a_job_again_on_what_its_series_hold_now_and_replay_points_to
 ) -> None:
     import pydicom
 
-    from rtauto.config import Settings
-    from rtauto.engine.engine import Engine
     from rtauto.ingest.assembler import create_job_for
     from rtauto.ingest.spool import Spool
-    from rtauto.store import Store
     from rtauto.workflow import load_workflow_text
 
     series = write_ct_series(tmp_path / "ct", rows=32, cols=32, slices=5)
@@ -290,13 +299,6 @@ def test_rerun_runs_a_job_again_on_what_its_series_hold_now_and_replay_points_to
         records = [spool.ingest_file(path) for path in files]
         store.record_instances(records)
         return [r.sop_instance_uid for r in records]
-
-    def run_job(job_id: str) -> None:
-        engine = Engine(settings, store, host)
-        try:
-            engine.run_until_done([job_id])
-        finally:
-            engine.close()
 
     try:
         # a daemon job made on the first 3 slices of the series, as the assembler makes it
@@ -319,7 +321,7 @@ def test_rerun_runs_a_job_again_on_what_its_series_hold_now_and_replay_points_to
             input_instances=first,
         )
         assert rtauto("rerun", partial.id[:8], "--home", str(settings.home)).returncode == 1
-        run_job(partial.id)
+        run_job(settings, store, host, partial.id)
         receive(series.files[3:])  # the rest of the series arrives later
 
         home = str(settings.home)
@@ -334,7 +336,7 @@ def test_rerun_runs_a_job_again_on_what_its_series_hold_now_and_replay_points_to
         assert "no daemon runs on this home" in result.stdout
         new = store.get_job(result.stdout.split()[1].rstrip(":"))
         assert new.status == "pending" and len(new.input_instances) == 5
-        run_job(new.id)
+        run_job(settings, store, host, new.id)
         assert store.get_job(new.id).status == "ok"
         [rtstruct] = [a.path for a in store.artifacts_of(new.id) if a.kind == "RTSTRUCT"]
         frame = pydicom.dcmread(rtstruct).ReferencedFrameOfReferenceSequence[0]
@@ -375,11 +377,8 @@ destinations:
 def test_resume_runs_a_failed_jobs_failed_and_skipped_steps_and_replay_points_to_it(
     tmp_path: Path,
 ) -> None:
-    from rtauto.config import Settings
-    from rtauto.engine.engine import Engine
     from rtauto.ingest.assembler import create_job_for
     from rtauto.ingest.spool import Spool
-    from rtauto.store import Store
     from rtauto.workflow import load_workflow_text
 
     series = write_ct_series(tmp_path / "ct", rows=16, cols=16, slices=3)
@@ -391,13 +390,6 @@ def test_resume_runs_a_failed_jobs_failed_and_skipped_steps_and_replay_points_to
     host = build_plugin_manager(settings)
     spool = Spool(settings)
     store.record_instances([spool.ingest_file(path) for path in series.files])
-
-    def run_job(job_id: str) -> None:
-        engine = Engine(settings, store, host)
-        try:
-            engine.run_until_done([job_id])
-        finally:
-            engine.close()
 
     try:
         loaded = load_workflow_text(SHARED % {"share": share}, "to-share.yaml", host.steps)
@@ -416,7 +408,7 @@ def test_resume_runs_a_failed_jobs_failed_and_skipped_steps_and_replay_points_to
         assert f"job {job.id[:8]} is still pending: only a failed job is resumed" in (
             pending.stderr
         )
-        run_job(job.id)
+        run_job(settings, store, host, job.id)
         assert store.get_job(job.id).status == "fail"
         assert len(store.dead_letters()) == 3
 
@@ -434,7 +426,7 @@ def test_resume_runs_a_failed_jobs_failed_and_skipped_steps_and_replay_points_to
         assert f"job {job.id[:8]} resumed: step(s) send, copy run again" in resumed.stdout
         assert "no daemon runs on this home now" in resumed.stdout
         assert store.get_job(job.id).status == "pending"
-        run_job(job.id)
+        run_job(settings, store, host, job.id)
         assert store.get_job(job.id).status == "ok"
         # what the replay delivered was not sent again; the skipped step ran
         assert len(list(share.rglob("*.dcm"))) == 3

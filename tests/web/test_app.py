@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 from rtauto.config import Settings
 from rtauto.ingest.spool import free_bytes
 from rtauto.store import Store
+from rtauto.store.models import Delivery, Job
 from rtauto.web.app import create_app
 
 with warnings.catch_warnings():
@@ -20,6 +22,40 @@ def _client(settings: Settings) -> tuple[TestClient, Store]:
     settings.ensure_dirs()
     store = Store(settings.database_url, migrate=True)
     return TestClient(create_app(store, settings)), store
+
+
+def _routing_job(settings: Settings, store: Store) -> Job:
+    """A job of one routing step, as the assembler makes it."""
+    return store.create_job(
+        dedupe_key="k",
+        workflow_name="w",
+        workflow_hash="0" * 64,
+        workflow_text="",
+        workflow_path="",
+        scope="series",
+        study_uid="1.2",
+        series_uid="1.2.1",
+        input_series=["1.2.1"],
+        step_ids=[("send", "route.dicom")],
+        jobs_dir=settings.jobs_dir,
+    )
+
+
+def _dead_letter(store: Store, job_id: str, **values: Any) -> None:
+    """An item the job's routing step gave up on (a dead letter)."""
+    with store.session() as s:
+        s.add(
+            Delivery(
+                job_id=job_id,
+                step_id="send",
+                item_key="1.2.3",
+                path="/x/RS.dcm",
+                destination="tps",
+                status="dead",
+                updated_at=1.0,
+                **values,
+            )
+        )
 
 
 def test_ingest_pause_below_the_free_space_reserve_is_shown(tmp_path: Path):
@@ -55,35 +91,8 @@ def test_metrics_name_every_job_and_delivery_status_and_dead_letters_are_listed(
         assert 'rtauto_deliveries{status="dead"} 0' in metrics
         assert client.get("/api/dead-letters").json() == []
 
-        from rtauto.store.models import Delivery
-
-        job = store.create_job(
-            dedupe_key="k",
-            workflow_name="w",
-            workflow_hash="0" * 64,
-            workflow_text="",
-            workflow_path="",
-            scope="series",
-            study_uid="1.2",
-            series_uid="1.2.1",
-            input_series=["1.2.1"],
-            step_ids=[("send", "route.dicom")],
-            jobs_dir=settings.jobs_dir,
-        )
-        with store.session() as s:
-            s.add(
-                Delivery(
-                    job_id=job.id,
-                    step_id="send",
-                    item_key="1.2.3",
-                    path="/x/RS.dcm",
-                    destination="tps",
-                    status="dead",
-                    attempts=3,
-                    last_error="TPS@127.0.0.1:104: cannot connect",
-                    updated_at=1.0,
-                )
-            )
+        job = _routing_job(settings, store)
+        _dead_letter(store, job.id, attempts=3, last_error="TPS@127.0.0.1:104: cannot connect")
         assert 'rtauto_deliveries{status="dead"} 1' in client.get("/metrics").text
         [dead] = client.get("/api/dead-letters").json()
         assert dead["destination"] == "tps" and "cannot connect" in dead["error"]
@@ -92,40 +101,14 @@ def test_metrics_name_every_job_and_delivery_status_and_dead_letters_are_listed(
 
 
 def test_jobs_awaiting_redelivery_and_resumed_jobs_are_shown(tmp_path: Path):
-    from rtauto.store.models import Delivery
-
     settings = Settings(home=tmp_path / "home")
     client, store = _client(settings)
     try:
         assert "rtauto_dead_letter_jobs 0" in client.get("/metrics").text
-        job = store.create_job(
-            dedupe_key="k",
-            workflow_name="w",
-            workflow_hash="0" * 64,
-            workflow_text="",
-            workflow_path="",
-            scope="series",
-            study_uid="1.2",
-            series_uid="1.2.1",
-            input_series=["1.2.1"],
-            step_ids=[("send", "route.dicom")],
-            jobs_dir=settings.jobs_dir,
-        )
+        job = _routing_job(settings, store)
         store.finish_step(job.id, "send", status="fail", error="1 of 1 item(s) ... dead-letter")
         store.set_job_status(job.id, "fail", error="step send failed")
-        with store.session() as s:
-            s.add(
-                Delivery(
-                    job_id=job.id,
-                    step_id="send",
-                    item_key="1.2.3",
-                    path="/x/RS.dcm",
-                    destination="tps",
-                    status="dead",
-                    attempts=10,
-                    updated_at=1.0,
-                )
-            )
+        _dead_letter(store, job.id, attempts=10)
         assert "rtauto_dead_letter_jobs 1" in client.get("/metrics").text
         status = client.get("/api/status").json()["dead_letters"]
         assert status == {
