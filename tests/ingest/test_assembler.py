@@ -221,14 +221,19 @@ def test_a_series_emptied_by_retention_counts_for_no_trigger(site):
     s.receive(ct, "CT", 3, T0)
     s.receive(plan, "RTPLAN", 1, T0 + 1)
     assert len(s.assembler.tick(T0 + 10)) == 1
+    assert s.assembler.tick(T0 + 100) == []  # the study is quiet: complete
     forget(s, ct)
     forget(s, plan)
     # months later a new plan in the study: its CT is gone, so no job on a CT of 0 slices
     s.receive(new_uid(), "RTPLAN", 1, T0 + 1000)
     assert s.assembler.tick(T0 + 1010) == []
+    # it waits max_wait from its own arrival, not from the study's first months ago
+    assert s.store.audit_events("study.incomplete") == []
+    assert s.assembler.tick(T0 + 1000 + 599) == []
+    assert s.store.audit_events("study.incomplete") == []
     assert s.assembler.tick(T0 + 1000 + 601) == []
-    events = s.store.audit_events("study.incomplete")
-    assert events and all("missing CT" in e.message for e in events)
+    [event] = s.store.audit_events("study.incomplete")
+    assert "missing CT" in event.message
     assert len(s.jobs()) == 1
 
 

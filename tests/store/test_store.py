@@ -65,6 +65,18 @@ def exercise(store: Store, tmp_path: Path) -> None:
     assert store.get_series("1.2.3.20").attributes["SeriesDescription"] == "Planning CT"
     assert store.record_instances([]) == []
 
+    # a study's waiting clock (max_wait) starts at its first arrival since it was complete
+    def arrive(sop: str, at: float) -> None:
+        store.record_instances([dataclasses.replace(record(sop, study="1.2.9"), received_at=at)])
+
+    arrive("1.2.9.1", 1000.0)
+    arrive("1.2.9.2", 1010.0)
+    assert store.get_study("1.2.9").first_received == 1000.0  # still pending: unchanged
+    assert store.mark_study_complete("1.2.9")
+    arrive("1.2.9.3", 5000.0)  # a new plan months later
+    assert store.get_study("1.2.9").first_received == 5000.0
+    assert store.get_study("1.2.9").completed_at is None
+
     kwargs = dict(
         dedupe_key="wf:abc:series:1.2.3.2",
         workflow_name="wf",

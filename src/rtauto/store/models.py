@@ -29,6 +29,8 @@ class Study(Base):
 
     study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(64), default="")
+    # the first arrival since the study was last complete: a study workflow's max_wait
+    # counts from it (a new plan in a study complete for months waits afresh for its CT)
     first_received: Mapped[float] = mapped_column(Float)
     last_received: Mapped[float] = mapped_column(Float, index=True)
     # set once the study quiet period has passed and study-scoped workflows were matched

@@ -103,6 +103,10 @@ def _instance_upserts(dialect: str) -> tuple[Any, Any, Any]:
     touch_study = study.on_conflict_do_update(
         index_elements=[Study.study_uid],
         set_={
+            "first_received": case(
+                (Study.completed_at.is_(None), Study.first_received),
+                else_=study.excluded.first_received,
+            ),
             "last_received": case(
                 (study.excluded.last_received > Study.last_received, study.excluded.last_received),
                 else_=Study.last_received,
@@ -208,6 +212,8 @@ _SQLITE_TOUCH_STUDY = (
     "INSERT INTO studies (study_uid, patient_id, first_received, last_received)"
     " VALUES (:study_uid, :patient_id, :first_received, :last_received)"
     " ON CONFLICT (study_uid) DO UPDATE SET"
+    " first_received = CASE WHEN studies.completed_at IS NULL THEN studies.first_received"
+    " ELSE excluded.first_received END,"
     " last_received = max(studies.last_received, excluded.last_received), completed_at = NULL"
 )
 _SQLITE_TOUCH_SERIES = (
@@ -297,6 +303,8 @@ class Store:
                     )
                 )
             else:
+                if study.completed_at is not None:
+                    study.first_received = now  # waiting (max_wait) starts afresh
                 study.last_received = max(study.last_received, now)
                 study.completed_at = None  # a late series is matched again
             series = s.get(Series, rec.series_instance_uid)

@@ -422,7 +422,10 @@ class Completion(_Strict):
         None, description="a study is complete after no instance arrived for this long"
     )
     max_wait: PositiveDuration | None = Field(
-        None, description="give up on a study whose required series are still missing"
+        None,
+        description="give up on a study whose required series are still missing this long "
+        "after its first arrival (since the study was last complete: a new plan in an old "
+        "study waits afresh)",
     )
 
 
