@@ -124,6 +124,8 @@ class Assembler:
         self.host = host
         self.workflows = workflows
         self.started = started
+        # (study, workflow, start of its wait) already reported as given up on
+        self._gave_up: set[tuple[str, str, float]] = set()
 
     def tick(self, now: float | None = None) -> list[Job]:
         """One pass; returns the jobs created."""
@@ -308,12 +310,17 @@ class Assembler:
                     max(study.last_received, self.started),
                 )
                 if decision.expired:
-                    self.store.audit(
-                        "study.incomplete",
-                        study.study_uid,
-                        f"workflow {loaded.workflow.name} gave up waiting: {decision.reason}",
-                        missing=decision.missing,
-                    )
+                    # once per wait: the study stays pending until it is quiet, and is
+                    # looked at on every pass meanwhile
+                    wait = (study.study_uid, loaded.workflow.name, study.first_received)
+                    if wait not in self._gave_up:
+                        self._gave_up.add(wait)
+                        self.store.audit(
+                            "study.incomplete",
+                            study.study_uid,
+                            f"workflow {loaded.workflow.name} gave up waiting: {decision.reason}",
+                            missing=decision.missing,
+                        )
                     continue
                 if not decision.ready:
                     if decision.selected or any(
