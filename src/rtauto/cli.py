@@ -67,6 +67,8 @@ def _logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # alembic lists each of its own plugins at every start; its migrations still log
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def _host(settings: Settings | None = None, *, report: bool = True) -> Any:
