@@ -8,6 +8,11 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from rtauto.testing import wait_until
+
 
 def steps_of(env, job_id):
     return {s.step_id: s for s in env.store.steps_of(job_id)}
@@ -325,3 +330,36 @@ def test_a_step_that_ends_while_a_pass_looks_at_its_job_is_not_started_again(env
         runs = {s: int((job_dir / f"{s}.count").read_text()) for s in "abcde"}
         assert runs == dict.fromkeys("abcde", 1), job.id
         assert all(s.attempts == 1 for s in env.store.steps_of(job.id))
+
+
+def test_a_step_an_error_of_the_store_left_running_runs_again(env, monkeypatch, caplog):
+    text = """
+        name: orphan
+        trigger: {modality: CT}
+        steps:
+          - {id: a, uses: t.emit}
+        """
+    job = env.job(text)
+    engine = env.engine()
+    original = engine._task
+    failures = []
+
+    def store_down_once(*args, **kwargs):
+        if not failures:
+            failures.append(True)
+            raise OperationalError("SELECT", {}, Exception("server closed the connection"))
+        return original(*args, **kwargs)
+
+    # the step is written running, then the store fails before it is handed to a worker
+    monkeypatch.setattr(engine, "_task", store_down_once)
+    with pytest.raises(OperationalError):
+        engine.tick()
+    assert steps_of(env, job.id)["a"].status == "running"
+
+    def done() -> bool:
+        engine.tick()
+        return env.store.get_job(job.id).status == "ok"
+
+    wait_until(done, timeout=120, interval=0.1)
+    assert int((Path(env.store.get_job(job.id).work_dir) / "a.count").read_text()) == 1
+    assert "was left running with nothing running it" in caplog.text

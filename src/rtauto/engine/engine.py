@@ -154,13 +154,22 @@ class Engine:
             row = steps[step_id]
             if row.status in TERMINAL_STEP_STATES:
                 continue
-            if row.status == "running":
-                # in flight, or it ended since `steps` was read (it is no longer in flight
-                # then); one a stop left running was made pending again by recover()
-                continue
             with self._lock:
                 if (job.id, step_id) in self._inflight:
                     continue
+            if row.status == "running":
+                # not in flight: it ended since `steps` was read (a step's result is in the
+                # store before it leaves the in-flight set), or an error of the store left it
+                # running with no thread to run it, which the next pass starts again (one a
+                # stop left running was made pending again by recover())
+                if self.store.update_step(job.id, step_id, only_if="running", status="pending"):
+                    log.warning(
+                        "step %s of job %s was left running with nothing running it; it runs "
+                        "again",
+                        step_id,
+                        job.id[:8],
+                    )
+                continue
             if row.status == "retry_wait" and (row.next_attempt_at or 0) > now:
                 continue
             spec = _spec(loaded, step_id)

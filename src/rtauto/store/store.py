@@ -803,13 +803,16 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(StepRun).where(StepRun.job_id == job_id)))
 
-    def update_step(self, job_id: str, step_id: str, **values: Any) -> None:
+    def update_step(
+        self, job_id: str, step_id: str, *, only_if: str | None = None, **values: Any
+    ) -> bool:
+        """Set the step's columns; with ``only_if``, only while its status is that one.
+        Returns whether the step was updated."""
         with self.session() as s:
-            s.execute(
-                update(StepRun)
-                .where(StepRun.job_id == job_id, StepRun.step_id == step_id)
-                .values(**values)
-            )
+            q = update(StepRun).where(StepRun.job_id == job_id, StepRun.step_id == step_id)
+            if only_if is not None:
+                q = q.where(StepRun.status == only_if)
+            return bool(s.execute(q.values(**values)).rowcount)
 
     def finish_step(
         self,
