@@ -164,8 +164,7 @@ class Engine:
                 # stop left running was made pending again by recover())
                 if self.store.update_step(job.id, step_id, only_if="running", status="pending"):
                     log.warning(
-                        "step %s of job %s was left running with nothing running it; it runs "
-                        "again",
+                        "step %s of job %s was left running with nothing running it; it runs again",
                         step_id,
                         job.id[:8],
                     )
