@@ -835,9 +835,10 @@ def purge(
     """Remove what has passed its retention period (the configuration's retention: block).
 
     Received instances go by patient, once nothing of the patient arrived for received_days
-    and no job of theirs is unfinished; ended jobs (folder and rows) after jobs_days unless a
-    result is not delivered; quarantined files and audit events by age. Safe while the daemon
-    runs (it does the same every retention.interval_minutes).
+    and no job of theirs is unfinished or has a result not delivered; an ended job's folder
+    after jobs_days unless a result is not delivered, and its record once its study holds no
+    received instance; quarantined files and audit events by age. Safe while the daemon runs
+    (it does the same every retention.interval_minutes).
     """
     from pydantic import ValidationError
 

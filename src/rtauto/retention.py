@@ -5,15 +5,17 @@ refuse images (``min_free_mb``). The ``retention:`` block of the daemon configur
 (:class:`~rtauto.config.RetentionSettings`) sets a period per kind of data; a kind without one
 is kept for ever. What goes, and what is kept whatever its age:
 
-* **Received instances** (spool files and instance rows): by patient, a series at a time and
-  a series whole. Nothing of a patient goes while anything of theirs arrived within
+* **Received instances** (spool files and instance rows): by patient, all of a patient's or
+  none. Nothing of a patient goes while anything of theirs arrived within
   ``received_days`` (the planning CT stays as long as the daily CBCTs of the course keep
   coming; an instance sent again counts, as a re-send touches its file's modification time),
   while a job on any of their studies is pending or running or has a result not delivered, or
   while one of their series has not been seen complete. A series with an indexed file missing
   or outside the spool (a spool not mounted, a purge run on the wrong home) is kept and
-  reported, never forgotten unread. Each series is looked at again under the spool's lock
-  before it goes, so it never goes in part. Series and study rows stay, emptied (see
+  reported, never forgotten unread. A patient is looked at again, whole, under the spool's
+  lock before anything of theirs goes (what arrived or was made meanwhile keeps it all), and
+  the index rows go before the files (a crash between leaves files that the next start
+  indexes again, never rows naming no file). Series and study rows stay, emptied (see
   :func:`_forget_instances`): an emptied series is absent for triggers and for steps that
   look up a patient's earlier images until it is sent again.
 * **Jobs**: ``jobs_days`` after the job ended, unless one of its results is not delivered
@@ -78,6 +80,7 @@ KEPT_INCOMPLETE = "patients with a series not yet complete"
 KEPT_SPOOL_BUSY = "series skipped while the spool was busy"
 KEPT_RECEIVED_AGAIN = "series with an instance received again within the period"
 KEPT_FILE_MISSING = "series with an indexed file missing or outside the spool"
+KEPT_ARRIVED = "patients with something received while the pass ran"
 KEPT_UNDELIVERED = "jobs with a result not delivered"
 KEPT_STUDY_HELD = "job records kept while their study's received data is kept"
 
@@ -207,38 +210,22 @@ class _Pass:
     # -- received instances --------------------------------------------------------------------
     def received(self, cutoff: float) -> None:
         with self.store.session() as s:
-            rows = s.execute(
-                select(
-                    Series.series_uid,
-                    Series.study_uid,
-                    Series.patient_id,
-                    Series.last_received,
-                    Series.completed_at,
-                    Series.source,
-                    Series.instance_count,
-                )
-            ).all()
+            rows = s.execute(select(*_SERIES_COLUMNS)).all()
             busy_studies = _busy_studies(s)
         # a patient's series together; without a Patient ID, a study's
         groups: dict[tuple[str, str], list[Any]] = {}
         for row in rows:
-            key = ("patient", row.patient_id) if row.patient_id else ("study", row.study_uid)
-            groups.setdefault(key, []).append(row)
+            groups.setdefault(_patient_key(row), []).append(row)
         spool = Spool(self.settings)
         root = spool.spool_dir.resolve()
         try:
-            for members in groups.values():
+            for key, members in groups.items():
                 if self.stop():
                     return
-                if max(row.last_received for row in members) >= cutoff:
-                    continue
-                if any(row.study_uid in busy_studies for row in members):
-                    self.kept[KEPT_UNFINISHED_JOB] += 1
-                    continue
-                if any(
-                    row.completed_at is None and row.source not in _NOT_ASSEMBLED for row in members
-                ):
-                    self.kept[KEPT_INCOMPLETE] += 1
+                reason = _keeps(members, busy_studies, cutoff)
+                if reason is not None:
+                    if reason != KEPT_RECENT:
+                        self.kept[reason] += 1
                     continue
                 holding = [row for row in members if row.instance_count]  # else emptied before
                 files: dict[str, list[_SpoolFile]] = {}
@@ -248,8 +235,8 @@ class _Pass:
                         break  # the patient is kept whole: the reason is counted
                     files[row.series_uid] = found
                 else:
-                    removed = [self._remove(spool, row, files[row.series_uid]) for row in holding]
-                    self.report.patients += any(removed)
+                    if holding and self._remove(spool, key, members, files, cutoff):
+                        self.report.patients += 1
         finally:
             spool.close()
 
@@ -280,39 +267,60 @@ class _Pass:
             files.append(_SpoolFile(instance.sop_uid, path, st.st_size, st.st_mtime))
         return files
 
-    def _remove(self, spool: Spool, row: Any, files: list[_SpoolFile]) -> bool:
-        """Remove one series' files and index rows, whole or not at all; whether it went."""
+    def _remove(
+        self,
+        spool: Spool,
+        key: tuple[str, str],
+        members: list[Any],
+        files: dict[str, list[_SpoolFile]],
+        cutoff: float,
+    ) -> bool:
+        """Remove a patient's received data (``files``, by series): all of it or, when
+        anything changed since the pass looked, none. Whether it went."""
         if self.dry_run:
-            self._count_removed(row.series_uid, files)
+            for series_uid, series_files in files.items():
+                self._count_removed(series_uid, series_files)
             return True
-        series_dir = spool.spool_dir.resolve() / row.study_uid / row.series_uid
+        root = spool.spool_dir.resolve()
         with spool.exclusive() as held:
             if not held:
                 self.kept[KEPT_SPOOL_BUSY] += 1
                 return False
-            # looked at again under the lock: a job made, an instance indexed, a file named
-            # or one received again since the pass began keeps the series
+            # looked at again under the lock, the patient whole: a job made, a series or an
+            # instance indexed, a file named or one received again since the pass looked
+            # keeps everything of theirs
             with self.store.session() as s:
-                busy = row.study_uid in _busy_studies(s)
-                last = s.scalar(
-                    select(Series.last_received).where(Series.series_uid == row.series_uid)
+                fresh = s.execute(select(*_SERIES_COLUMNS).where(*_of_patient(key))).all()
+                busy_studies = _busy_studies(s)
+            reason = _keeps(fresh, busy_studies, cutoff)
+            before = {row.series_uid: (row.last_received, row.instance_count) for row in members}
+            now = {row.series_uid: (row.last_received, row.instance_count) for row in fresh}
+            folders = {row.series_uid: root / row.study_uid / row.series_uid for row in members}
+            if reason in (None, KEPT_RECENT) and (
+                now != before
+                or any(
+                    _changed_since_listed(folders[uid], series_files)
+                    for uid, series_files in files.items()
                 )
-            if busy or last is None or last > row.last_received:
-                self.kept[KEPT_UNFINISHED_JOB if busy else KEPT_RECEIVED_AGAIN] += 1
+            ):
+                reason = KEPT_ARRIVED
+            if reason is not None:
+                self.kept[KEPT_ARRIVED if reason == KEPT_RECENT else reason] += 1
                 return False
-            listed = {f.path.name: f for f in files if f.path.parent == series_dir}
-            if len(listed) != len(files) or _changed_since_listed(series_dir, listed):
-                self.kept[KEPT_RECEIVED_AGAIN] += 1
-                return False
-            for file in files:
-                file.path.unlink(missing_ok=True)
-            _forget_instances(self.store, row.series_uid, [f.sop_uid for f in files])
-            for folder in (series_dir, series_dir.parent):
-                try:
-                    folder.rmdir()  # only when empty
-                except OSError:
-                    break
-        self._count_removed(row.series_uid, files)
+            # the rows first: a crash before the files go leaves files that the next start
+            # indexes again (and the next pass removes), never rows naming no file
+            for series_uid, series_files in files.items():
+                _forget_instances(self.store, series_uid, [f.sop_uid for f in series_files])
+            for series_uid, series_files in files.items():
+                for file in series_files:
+                    file.path.unlink(missing_ok=True)
+                for folder in (folders[series_uid], folders[series_uid].parent):
+                    try:
+                        folder.rmdir()  # only when empty
+                    except OSError:
+                        break
+        for series_uid, series_files in files.items():
+            self._count_removed(series_uid, series_files)
         return True
 
     def _count_removed(self, series_uid: str, files: list[_SpoolFile]) -> None:
@@ -400,6 +408,42 @@ class _Pass:
         self.report.audit_events += count
 
 
+_SERIES_COLUMNS = (
+    Series.series_uid,
+    Series.study_uid,
+    Series.patient_id,
+    Series.last_received,
+    Series.completed_at,
+    Series.source,
+    Series.instance_count,
+)
+KEPT_RECENT = "recent"  # not counted: what arrived within the period is not past it
+
+
+def _patient_key(row: Any) -> tuple[str, str]:
+    """Whose a series is: its patient, or its study when it has no Patient ID."""
+    return ("patient", row.patient_id) if row.patient_id else ("study", row.study_uid)
+
+
+def _of_patient(key: tuple[str, str]) -> tuple[Any, ...]:
+    """The conditions selecting the series of :func:`_patient_key` ``key``."""
+    kind, value = key
+    if kind == "patient":
+        return (Series.patient_id == value,)
+    return (Series.patient_id == "", Series.study_uid == value)
+
+
+def _keeps(rows: Any, busy_studies: set[str], cutoff: float) -> str | None:
+    """Why a patient's series (``rows``) are kept whole, or None when they may go."""
+    if max(row.last_received for row in rows) >= cutoff:
+        return KEPT_RECENT
+    if any(row.study_uid in busy_studies for row in rows):
+        return KEPT_UNFINISHED_JOB
+    if any(row.completed_at is None and row.source not in _NOT_ASSEMBLED for row in rows):
+        return KEPT_INCOMPLETE
+    return None
+
+
 def _busy_studies(session: Any) -> set[str]:
     """Studies whose received data a job may still read: a job pending or running, or one
     with a result not delivered (a routing step that sends the inputs reads the spool's
@@ -458,9 +502,12 @@ def _forget_instances(store: Store, series_uid: str, sop_uids: list[str]) -> Non
         )
 
 
-def _changed_since_listed(series_dir: Path, listed: dict[str, _SpoolFile]) -> bool:
-    """Whether the series' folder holds a file not ``listed`` (named since the list was
-    made) or a listed one touched since (received again)."""
+def _changed_since_listed(series_dir: Path, files: list[_SpoolFile]) -> bool:
+    """Whether the series' folder holds other files than ``files`` (one named since they
+    were listed) or one of them touched since (received again)."""
+    listed = {f.path.name: f for f in files if f.path.parent == series_dir}
+    if len(listed) != len(files):
+        return True  # a file indexed outside its series' folder: not rtauto's layout
     try:
         entries = list(os.scandir(series_dir))
     except FileNotFoundError:

@@ -261,3 +261,19 @@ def test_a_series_sent_in_part_after_retention_does_not_run_on_that_part(site, c
     s.receive(ct, "CT", 3, T0 + 3000, sops=[*sops[2:], *late])
     [again] = s.assembler.tick(T0 + 3011)
     assert set(again.input_instances) == {*sops, *late}
+
+
+def test_a_study_sent_in_part_after_retention_is_reported_once(site):
+    s = site(STUDY_WORKFLOW)
+    ct, plan = new_uid(), new_uid()
+    s.receive(ct, "CT", 3, T0)
+    s.receive(plan, "RTPLAN", 1, T0 + 1)
+    assert len(s.assembler.tick(T0 + 10)) == 1
+    assert s.assembler.tick(T0 + 100) == []  # the study is quiet: complete
+    forget(s, ct)
+    s.receive(ct, "CT", 1, T0 + 1000)  # one new slice of the emptied CT
+    for second in range(1006, 1040):  # the study stays pending until it is quiet
+        assert s.assembler.tick(T0 + second) == []
+    [event] = s.store.audit_events("study.partial")
+    assert event.subject == s.study
+    assert len(s.jobs()) == 1

@@ -219,13 +219,24 @@ def test_a_resent_instance_whose_file_another_user_owns_is_still_accepted(
 ):
     spool = Spool(settings)
     first = spool.ingest_file(ct_series.files[0])
+    stored = settings.spool_dir / first.path
+    content = stored.read_bytes()
+    then = time.time() - 3600
+    os.utime(stored, (then, then))
 
     def not_yours(path, *args, **kwargs):
         raise PermissionError(1, "Operation not permitted", str(path))
 
     monkeypatch.setattr("rtauto.ingest.spool.os.utime", not_yours)
+    caplog.set_level("INFO", logger="rtauto.ingest")
     again = spool.ingest_file(ct_series.files[0])
+    # the same bytes written anew, as the daemon's own: retention counts from now
     assert again.path == first.path and len(spool_files(settings)) == 1
+    assert stored.read_bytes() == content and stored.stat().st_mtime > then + 60
+    assert "written anew" in caplog.text
+    # where the folder refuses that too, the instance is still accepted
+    monkeypatch.setattr(Spool, "_write_durable", not_yours)
+    assert spool.ingest_file(ct_series.files[0]).path == first.path
     assert "belongs to another user" in caplog.text
     assert not list(settings.quarantine_dir.iterdir())
 

@@ -22,6 +22,7 @@ from rtauto.ingest.spool import RefusedInstance, Spool
 from rtauto.locks import exclusive_lock
 from rtauto.retention import (
     DAY,
+    KEPT_ARRIVED,
     KEPT_FILE_MISSING,
     KEPT_INCOMPLETE,
     KEPT_RECEIVED_AGAIN,
@@ -327,9 +328,70 @@ def test_a_file_named_in_the_series_while_the_pass_runs_keeps_it_whole(
     monkeypatch.setattr(_Pass, "_files_of", then_a_slice_arrives)
     report = purge(settings, store, retention=RECEIVED)
 
-    assert report.instances == 0 and report.kept == {KEPT_RECEIVED_AGAIN: 1}
+    assert report.instances == 0 and report.kept == {KEPT_ARRIVED: 1}
     assert len(spool_files(settings, series)) == 5
     assert len(store.instances_of_series(series.series_instance_uid)) == 4
+
+
+def test_a_patient_who_comes_back_while_the_pass_runs_keeps_everything(
+    tmp_path, settings, store, monkeypatch
+):
+    from rtauto.retention import _Pass
+
+    planning = ct(tmp_path, "planning", "PAT-1")
+    receive(settings, store, planning)
+    age(settings, store, planning, 40)
+    cbct = ct(tmp_path, "cbct", "PAT-1")  # another study of the same patient
+    listed = _Pass._files_of
+
+    def then_the_patient_comes_back(self, root, series_uid, cutoff):
+        found = listed(self, root, series_uid, cutoff)
+        receive(settings, store, cbct)  # the image of the day arrives now...
+        make_job(settings, store, cbct.study_instance_uid, "pending")  # ...to read the CT
+        return found
+
+    monkeypatch.setattr(_Pass, "_files_of", then_the_patient_comes_back)
+    report = purge(settings, store, retention=RECEIVED)
+
+    assert report.instances == 0 and report.kept == {KEPT_ARRIVED: 1}
+    assert len(spool_files(settings, planning)) == 4
+    assert [r.series_uid for r in store.series_of_patient("PAT-1", modality="CT")] == [
+        cbct.series_instance_uid,
+        planning.series_instance_uid,
+    ]
+
+
+def test_a_crash_while_files_are_removed_leaves_no_row_naming_a_missing_file(
+    tmp_path, settings, store, monkeypatch
+):
+    series = ct(tmp_path, "ct", "PAT-1")
+    receive(settings, store, series)
+    age(settings, store, series, 40)
+    unlink = Path.unlink
+    removed = []
+
+    def killed_after_the_first(self, *args, **kwargs):
+        if removed:
+            raise SystemExit("kill -9")  # the daemon dies here
+        removed.append(self)
+        return unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", killed_after_the_first)
+    with pytest.raises(SystemExit):
+        purge(settings, store, retention=RECEIVED)
+    monkeypatch.undo()
+    # the rows went first: the files left are indexed again at the start, and go next time
+    assert store.instances_of_series(series.series_instance_uid) == []
+    assert len(spool_files(settings, series)) == 3
+    spool = Spool(settings)
+    spool.reconcile(store)
+    spool.close()
+    assert len(store.instances_of_series(series.series_instance_uid)) == 3
+    store.mark_series_complete(series.series_instance_uid)
+    age(settings, store, series, 40)
+    report = purge(settings, store, retention=RECEIVED)
+    assert report.instances == 3 and spool_files(settings, series) == []
+    assert store.get_series(series.series_instance_uid).instance_count == 0
 
 
 def test_removing_a_series_counts_down_by_the_rows_deleted(tmp_path, settings, store):
@@ -403,13 +465,18 @@ def test_the_lock_files_are_taken_read_only(tmp_path):
         folder.chmod(0o755)
         lock = folder / "retention.lock"
         os.close(exclusive_lock(lock))  # made by root, 0644
+        home = Settings(home=folder / "home")
+        with Spool(home).exclusive() as held:  # the spool's lock file, made by root too
+            assert held
         child = os.fork()
-        if child == 0:  # the daemon's own user, without write access to the lock file
+        if child == 0:  # the daemon's own user, without write access to the lock files
             code = 3
             try:
                 os.setgid(65534)
                 os.setuid(65534)
                 code = 0 if exclusive_lock(lock) is not None else 4
+                with Spool(home).exclusive(timeout=5) as held:
+                    code = code if held else 5
             finally:
                 os._exit(code)
         _pid, status = os.waitpid(child, 0)

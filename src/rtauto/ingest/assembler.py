@@ -124,8 +124,9 @@ class Assembler:
         self.host = host
         self.workflows = workflows
         self.started = started
-        # (study, workflow, start of its wait) already reported as given up on
-        self._gave_up: set[tuple[str, str, float]] = set()
+        # what the log and the audit trail were told once already (a study stays pending,
+        # and is looked at on every pass, until it is quiet)
+        self._said: set[tuple[Any, ...]] = set()
 
     def tick(self, now: float | None = None) -> list[Job]:
         """One pass; returns the jobs created."""
@@ -238,6 +239,8 @@ class Assembler:
         subject = f"{scope} {uid}"
         lost = read - set(kwargs["input_instances"])
         if lost:
+            if not self._first_time(("partial", uid, name, first.id, len(key_instances))):
+                return None
             log.warning(
                 "%s has %d new instance(s) since job %s of workflow %s ran, but %d of the "
                 "instances that job read are no longer held (removed by retention); the "
@@ -291,6 +294,13 @@ class Assembler:
         )
         return job
 
+    def _first_time(self, said: tuple[Any, ...]) -> bool:
+        """Whether ``said`` is new (and from now on known)."""
+        if said in self._said:
+            return False
+        self._said.add(said)
+        return True
+
     def _study_pass(self, workflows: list[LoadedWorkflow], now: float) -> list[Job]:
         defaults = self.settings.completion
         study_workflows = [w for w in workflows if w.workflow.trigger.effective_scope == "study"]
@@ -310,11 +320,8 @@ class Assembler:
                     max(study.last_received, self.started),
                 )
                 if decision.expired:
-                    # once per wait: the study stays pending until it is quiet, and is
-                    # looked at on every pass meanwhile
-                    wait = (study.study_uid, loaded.workflow.name, study.first_received)
-                    if wait not in self._gave_up:
-                        self._gave_up.add(wait)
+                    wait = ("gave up", study.study_uid, loaded.workflow.name, study.first_received)
+                    if self._first_time(wait):
                         self.store.audit(
                             "study.incomplete",
                             study.study_uid,

@@ -73,6 +73,7 @@ from rtauto.ingest.header import (
     scan_dataset,
     uid_value,
 )
+from rtauto.locks import open_lock_file
 from rtauto.store import InstanceRecord, Store
 from rtauto.uids import is_valid_uid
 
@@ -322,11 +323,7 @@ class Spool:
         re-sent one meanwhile); yields False when it could not be had within ``timeout``
         (receivers take it shared for microseconds at a time, so it is tried again and again
         rather than waited for: a waiting exclusive lock would not stop new shared ones)."""
-        # read-only: flock needs no write access (a lock file made by root does not lock
-        # the daemon's user out)
-        fd = os.open(
-            self.spool_dir / RETENTION_LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644
-        )
+        fd = open_lock_file(self.spool_dir / RETENTION_LOCK)
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -601,7 +598,7 @@ class Spool:
                 same_syntax = kept_meta is not None and kept_meta.transfer_syntax == transfer_syntax
                 same = same_syntax and kept_dataset == dataset
                 if same:
-                    _touch_resent(dest)
+                    self._touch_resent(dest, kept)
             if not same:
                 sizes = f"{len(dataset)} bytes of data set here, {len(kept_dataset)} kept"
                 if not same_syntax:
@@ -786,6 +783,27 @@ class Spool:
         log.warning("quarantined %s from %s as %s: %s", original, source, name, bad.reason)
         return RefusedInstance(bad.reason, bad.status, data_path)
 
+    def _touch_resent(self, path: Path, kept: bytes) -> None:
+        """Set a re-sent instance's file's modification time to now: retention counts from
+        the last time it came. A file the daemon's user may not touch (written by another
+        user, say ``rtauto run`` as root into the daemon's home) is written anew with the
+        same bytes, as the daemon's own; where even that is refused, the instance is still
+        stored and only that clock stays."""
+        try:
+            os.utime(path)
+            return
+        except PermissionError:
+            pass
+        try:
+            self._write_durable(path, [kept])
+            log.info("re-sent instance %s: its spool file of another user written anew", path)
+        except PermissionError:
+            log.warning(
+                "re-sent instance %s: its spool file belongs to another user, so retention "
+                "counts from its first arrival (give the spool to the daemon's user)",
+                path,
+            )
+
     def _write_durable(self, dest: Path, parts: Sequence[bytes | memoryview]) -> None:
         # a temporary name of its own: two receivers may quarantine the same data at once
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
@@ -836,20 +854,6 @@ class Spool:
             called_ae=self.settings.scp.ae_title if written_by_scp else "",
             attributes=header_attributes(layout),
             received_at=file.stat().st_mtime,
-        )
-
-
-def _touch_resent(path: Path) -> None:
-    """Set a re-sent instance's file's modification time to now: retention counts from the
-    last time it came. A file the daemon's user may not touch (written by another user, say
-    ``rtauto run`` as root into the daemon's home) is still stored; only that clock stays."""
-    try:
-        os.utime(path)
-    except PermissionError:
-        log.warning(
-            "re-sent instance %s: its spool file belongs to another user, so retention counts "
-            "from its first arrival (give the spool to the daemon's user)",
-            path,
         )
 
 
