@@ -210,6 +210,27 @@ def test_sqlite_store_is_in_wal_mode(tmp_path):
     Store(f"sqlite:///{tmp_path / 'rtauto.db'}", migrate=True).close()
 
 
+def test_the_portable_index_path_indexes_as_the_upserts_do(tmp_path):
+    # the path for databases other than SQLite and PostgreSQL, run here on SQLite
+    store = Store(f"sqlite:///{tmp_path / 'rtauto.db'}", migrate=True)
+    try:
+        at = [
+            dataclasses.replace(record(f"1.2.9.{n}", study="1.2.9"), received_at=t)
+            for n, t in ((1, 1000.0), (2, 1010.0), (3, 5000.0))
+        ]
+        assert store._record_instance_orm(at[0])
+        assert not store._record_instance_orm(at[0])
+        assert store._record_instance_orm(at[1])
+        assert store.get_study("1.2.9").first_received == 1000.0
+        assert store.get_series("1.2.3.2").instance_count == 2
+        assert store.mark_study_complete("1.2.9")
+        assert store._record_instance_orm(at[2])  # a new plan months later: waits afresh
+        assert store.get_study("1.2.9").first_received == 5000.0
+        assert store.get_study("1.2.9").completed_at is None
+    finally:
+        store.close()
+
+
 @pytest.fixture
 def postgres(tmp_path: Path) -> Iterator[str]:
     """A PostgreSQL server of this machine's installation, on loopback, for this test only."""
