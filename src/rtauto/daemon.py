@@ -59,6 +59,7 @@ class Daemon:
         self._purger: threading.Thread | None = None
         self._next_retry = 0.0
         self._retrier: threading.Thread | None = None
+        self._retry_window: float | None = None  # where the last retry pass's window began
         self._plugin_fingerprint = plugin_fingerprint(self.settings.plugin_modules.values())
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -329,10 +330,12 @@ class Daemon:
                 self.host,
                 hold=self.engine.holding,
                 stop=self._stop.is_set,
+                window_was=self._retry_window,
             )
         except Exception:
             log.exception("retry of dead letters failed; the next pass tries again")
             return
+        self._retry_window = report.since
         if report.jobs:
             log.info("%s", report.summary())
 

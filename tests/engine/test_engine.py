@@ -325,3 +325,24 @@ def test_a_step_that_ends_while_a_pass_looks_at_its_job_is_not_started_again(env
         runs = {s: int((job_dir / f"{s}.count").read_text()) for s in "abcde"}
         assert runs == dict.fromkeys("abcde", 1), job.id
         assert all(s.attempts == 1 for s in env.store.steps_of(job.id))
+
+
+def test_no_step_of_a_held_job_starts_until_it_is_released(env):
+    # the daemon holds a failed job while it sends its dead letters: a resume at that moment
+    # must not have its routing step send them too
+    text = """
+        name: held
+        trigger: {modality: CT}
+        steps:
+          - {id: a, uses: t.emit}
+        """
+    held, other = env.job(text), env.job(text.replace("name: held", "name: other"))
+    engine = env.engine()
+    with engine.holding(held.id):
+        engine.run_until_done([other.id])  # the engine runs the other jobs meanwhile
+        assert engine.tick() == 0
+        assert env.store.get_job(held.id).status == "pending"
+        assert steps_of(env, held.id)["a"].attempts == 0
+    engine.run_until_done([held.id])
+    assert env.store.get_job(held.id).status == "ok"
+    assert steps_of(env, held.id)["a"].attempts == 1

@@ -7,9 +7,14 @@ it, outside the engine. While a destination stays down the job is left as it is,
 its items in the dead-letter list (their records count the attempts and keep the last error):
 it does not flap between FAIL and running, and observers are not told of it again. Once every
 dead letter of a job has arrived (in this pass, in one a stop cut short, or by ``rtauto
-replay``), the job is resumed (:func:`rtauto.engine.resume.resume_job`): its failed routing
-steps run again and find everything delivered, then the steps skipped because of them run (a
-REG sent only after the images it references were).
+replay``, to any destination), the job is resumed (:func:`rtauto.engine.resume.resume_job`):
+its failed routing steps run again and find everything delivered, then the steps skipped
+because of them run (a REG sent only after the images it references were).
+
+A job that a resume would refuse (a newer job of its workflow replaced it, retention removed
+its inputs or its folder; :func:`rtauto.engine.resume.check_resumable`) is left alone, its
+dead letters unsent, with one warning and a ``job.resume_refused`` audit event per reason.
+A job that leaves the window with dead letters is logged once: an operator takes it over.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rtauto.config import Settings
-from rtauto.engine.resume import resume_job
+from rtauto.engine.resume import check_resumable, resume_job
 from rtauto.errors import ResumeRefused
 from rtauto.route.replay import send_dead_letters
 from rtauto.store import Store
@@ -35,12 +40,16 @@ log = logging.getLogger("rtauto.route")
 
 @dataclass
 class RetryReport:
-    """What one pass did: dead letters sent again, how many arrived, jobs resumed."""
+    """What one pass did: dead letters sent again, how many arrived, jobs resumed, jobs that
+    left the window with dead letters (``gave_up``), and where the window began (``since``:
+    the next pass's ``window_was``)."""
 
+    since: float = 0.0
     jobs: int = 0
     delivered: int = 0
     undelivered: int = 0
     resumed: list[str] = field(default_factory=list)
+    gave_up: list[str] = field(default_factory=list)
     errors: set[str] = field(default_factory=set)
 
     def summary(self) -> str:
@@ -63,6 +72,7 @@ def retry_dead_letters(
     hold: Callable[[str], AbstractContextManager[Any]] = contextlib.nullcontext,
     stop: Callable[[], bool] = lambda: False,
     now: float | None = None,
+    window_was: float | None = None,
 ) -> RetryReport:
     """One pass of the background retry (see the module doc).
 
@@ -70,19 +80,48 @@ def retry_dead_letters(
     letters are sent (:meth:`rtauto.engine.engine.Engine.holding`): a resume at that moment
     must not send them too. ``stop()`` ends the pass between jobs. ``host`` gives the
     destination types and the step types the resumed job's workflow loads with.
+    ``window_was``: where the previous pass's window began; a job with dead letters that
+    ended between it and this pass's window has left the window, and is logged (once: give
+    each pass the last one's :attr:`RetryReport.since`).
     """
-    since = (time.time() if now is None else now) - settings.dead_letters.retry_for_hours * 3600
-    report = RetryReport()
+    policy = settings.dead_letters
+    since = (time.time() if now is None else now) - policy.retry_for_hours * 3600
+    report = RetryReport(since=since)
+    if window_was is not None and window_was < since:
+        report.gave_up = store.delivery_failed_jobs(
+            ended_after=window_was, ended_before=since, with_dead_letters=True
+        )
+        for job_id in report.gave_up:
+            store.audit(
+                "delivery.gave_up",
+                job_id,
+                f"dead letters not retried any more: the job ended over "
+                f"{policy.retry_for_hours:g} hour(s) ago",
+            )
+            log.info(
+                "job %s: gave up retrying its dead letters (it ended over %g hour(s) ago); "
+                "`rtauto replay %s` sends them, `rtauto resume %s` then runs its failed steps",
+                job_id[:8],
+                policy.retry_for_hours,
+                job_id[:8],
+                job_id[:8],
+            )
     for job_id in store.delivery_failed_jobs(ended_after=since):
         if stop():
             break
         with hold(job_id):
+            job = store.get_job(job_id)
             # resumed meanwhile (rtauto resume): its routing steps send the dead letters
-            if store.job_statuses([job_id]).get(job_id) != "fail":
+            if job is None or job.status != "fail":
                 continue
-            if any(row.status == "dead" for row in store.deliveries_of(job_id)):
+            try:
+                check_resumable(store, job, host.steps)
+            except ResumeRefused as exc:
+                _refused(store, job_id, str(exc))
+                continue
+            if store.dead_letters_of(job_id):
                 _send(store, settings, host, job_id, report)
-                if any(row.status == "dead" for row in store.deliveries_of(job_id)):
+                if store.dead_letters_of(job_id):
                     continue
             # every dead letter arrived (now, in an earlier pass that a stop cut short, or
             # by rtauto replay): the steps that waited for them run
@@ -95,7 +134,8 @@ def retry_dead_letters(
                     reason="its dead letters were all delivered",
                 )
             except ResumeRefused as exc:
-                log.warning("the dead letters of job %s were delivered, but: %s", job_id[:8], exc)
+                if store.job_statuses([job_id]).get(job_id) == "fail":  # not resumed meanwhile
+                    _refused(store, job_id, str(exc))
                 continue
             report.resumed.append(job_id)
             log.info(
@@ -104,6 +144,18 @@ def retry_dead_letters(
                 ", ".join(steps),
             )
     return report
+
+
+def _refused(store: Store, job_id: str, reason: str) -> None:
+    """Warn, and audit, that the daemon leaves a job alone: once per reason (the latest
+    ``job.resume_refused`` event remembers it), though every pass looks at the job again."""
+    last = store.audit_events("job.resume_refused", limit=1, subject=job_id)
+    if last and last[0].message == reason:
+        return
+    log.warning(
+        "job %s is left to an operator by the retry of dead letters: %s", job_id[:8], reason
+    )
+    store.audit("job.resume_refused", job_id, reason, by="daemon")
 
 
 def _send(store: Store, settings: Settings, host: Any, job_id: str, report: RetryReport) -> None:
