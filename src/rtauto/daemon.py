@@ -321,13 +321,14 @@ class Daemon:
         self._retrier.start()
 
     def _retry_dead_letters(self) -> None:
-        from rtauto.route.dead_letters import retry_dead_letters
+        from rtauto.route.dead_letters import retry_dead_letters, send_in_worker
 
         try:
             report = retry_dead_letters(
                 self.settings,
                 self.store,
                 self.host,
+                send=send_in_worker(self.engine.pool, self.store),
                 hold=self.engine.holding,
                 stop=self._stop.is_set,
                 window_was=self._retry_window,

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from rtauto.config import RetentionSettings
+from rtauto.config import DeadLetterSettings, RetentionSettings
 from rtauto.engine.resume import resume_job, steps_to_resume
 from rtauto.errors import ResumeRefused
 from rtauto.ingest.assembler import create_job_for
 from rtauto.retention import DAY, purge
-from rtauto.route.dead_letters import retry_dead_letters
+from rtauto.route.dead_letters import retry_dead_letters, send_in_worker
 from rtauto.route.replay import replay_job
 from rtauto.testing import ReceivingSCP
 from rtauto.workflow import load_workflow_text
@@ -420,6 +420,72 @@ def test_an_item_replayed_to_another_destination_is_not_sent_again(env, tmp_path
     send_image = {s.step_id: s for s in env.store.steps_of(job.id)}["send-image"]
     assert (send_image.outputs["delivered"], send_image.outputs["already_delivered"]) == (0, 3)
     assert statuses(env, job.id)["after"] == "ok"
+
+
+GATED = """
+name: gated
+trigger: {{modality: CT}}
+steps:
+  - id: contour
+    uses: t.emit
+  - id: send
+    uses: route.send
+    needs: [contour]
+    with: {{destination: gated}}
+    retry: {{max_attempts: 1}}
+  - id: after
+    uses: t.emit
+    needs: [send]
+destinations:
+  gated: {{type: t.gate, gate: {gate}}}
+"""
+
+
+def test_the_daemon_sends_dead_letters_in_a_worker_killed_past_its_time_limit(env, tmp_path):
+    gate = tmp_path / "gate"  # missing: the destination is down
+    job = env.job(GATED.format(gate=gate))
+    engine = env.engine()
+    engine.run_until_done([job.id])
+    assert env.store.get_job(job.id).status == "fail"
+    settings = env.settings.model_copy(
+        update={"dead_letters": DeadLetterSettings(send_timeout_minutes=0.05)}  # 3 s
+    )
+
+    def retry():
+        return retry_dead_letters(
+            settings,
+            env.store,
+            env.host,
+            send=send_in_worker(engine.pool, env.store),
+            hold=engine.holding,
+        )
+
+    # a send that hangs (a hard-mounted share whose server is gone), then one that takes its
+    # process down: each is reported as a delivery error, and the dead letter stays dead
+    gate.write_text("hang")
+    started = time.monotonic()
+    report = retry()
+    assert time.monotonic() - started < 60
+    assert (report.jobs, report.delivered, report.undelivered) == (1, 0, 1)
+    assert report.errors == {"gated: timed out after 3 s"}
+    gate.write_text("crash")
+    report = retry()
+    assert (report.jobs, report.delivered, report.undelivered) == (1, 0, 1)
+    [error] = report.errors
+    assert error.startswith("gated: worker process died after") and "(exit code 3)" in error
+    [dead] = env.store.dead_letters_of(job.id)
+    assert dead.attempts == 1 and env.store.get_job(job.id).status == "fail"
+
+    # the destination is back: the next pass delivers in a fresh worker and resumes the job,
+    # which runs at once (no hold of the passes before was left behind)
+    gate.write_text("up")
+    report = retry()
+    assert (report.jobs, report.delivered, report.resumed) == (1, 1, [job.id])
+    engine.run_until_done([job.id])
+    assert env.store.get_job(job.id).status == "ok"
+    assert (tmp_path / "received.txt").read_text() == "report.json\n"  # once
+    [retried] = env.store.audit_events("delivery.retried")
+    assert retried.data["results"][0]["status"] == "delivered"
 
 
 def test_a_job_the_retry_cannot_resume_is_left_alone_and_logged_once(env, tmp_path, caplog):
