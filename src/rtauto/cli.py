@@ -784,7 +784,9 @@ def resume(
     The steps that ended OK do not run again, and nothing delivered is delivered twice:
     for a job whose destination was down (its items in the dead-letter list), once the
     destination is back. Each failed step's retry policy applies afresh. The daemon on this
-    home runs the job (at its next start, when none runs now).
+    home runs the job (at its next start, when none runs now). A job that a newer job of its
+    workflow replaced (rtauto rerun, or its series grew), or whose inputs or folder retention
+    removed, is refused with the reason.
     """
     from rtauto.engine.resume import resume_job
     from rtauto.errors import ResumeRefused

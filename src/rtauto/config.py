@@ -151,7 +151,8 @@ class DeadLetterSettings(_Strict):
     only for want of delivery (a step that failed on bad data is never retried) and the job
     ended within ``retry_for_hours``. Once all of a job's dead letters arrived, the job is
     resumed: its failed steps and the steps skipped because of them run again. A job whose
-    destination is still down stays FAIL meanwhile."""
+    destination is still down stays FAIL meanwhile. Each job's dead letters are sent in a
+    worker process, killed past ``send_timeout_minutes`` (a destination that hangs)."""
 
     retry_every_minutes: float = Field(
         15.0, gt=0, description="how often the daemon sends the dead letters again"
@@ -161,6 +162,13 @@ class DeadLetterSettings(_Strict):
         ge=0,
         description="a job's dead letters are retried while it ended at most this many hours "
         "ago (a destination down over a long weekend); 0 turns the background retry off",
+    )
+
+    send_timeout_minutes: float = Field(
+        10.0,
+        gt=0,
+        description="the longest one job's dead letters may take to send again; past it the "
+        "worker sending them is killed and they wait for the next pass",
     )
 
     @property

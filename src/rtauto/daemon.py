@@ -59,6 +59,7 @@ class Daemon:
         self._purger: threading.Thread | None = None
         self._next_retry = 0.0
         self._retrier: threading.Thread | None = None
+        self._retry_window: float | None = None  # where the last retry pass's window began
         self._plugin_fingerprint = plugin_fingerprint(self.settings.plugin_modules.values())
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -320,19 +321,22 @@ class Daemon:
         self._retrier.start()
 
     def _retry_dead_letters(self) -> None:
-        from rtauto.route.dead_letters import retry_dead_letters
+        from rtauto.route.dead_letters import retry_dead_letters, send_in_worker
 
         try:
             report = retry_dead_letters(
                 self.settings,
                 self.store,
                 self.host,
+                send=send_in_worker(self.engine.pool, self.store),
                 hold=self.engine.holding,
                 stop=self._stop.is_set,
+                window_was=self._retry_window,
             )
         except Exception:
             log.exception("retry of dead letters failed; the next pass tries again")
             return
+        self._retry_window = report.since
         if report.jobs:
             log.info("%s", report.summary())
 

@@ -456,6 +456,53 @@ def test_resume_runs_a_failed_jobs_failed_and_skipped_steps_and_replay_points_to
     assert "made by rtauto run, whose jobs no daemon runs" in refused.stderr
 
 
+def test_resume_refuses_a_job_that_rtauto_rerun_replaced_and_names_the_newer_job(
+    tmp_path: Path,
+) -> None:
+    from rtauto.ingest.assembler import create_job_for
+    from rtauto.ingest.spool import Spool
+    from rtauto.workflow import load_workflow_text
+
+    series = write_ct_series(tmp_path / "ct", rows=16, cols=16, slices=3)
+    settings = Settings(home=tmp_path / "home")
+    settings.ensure_dirs()
+    home = str(settings.home)
+    store = Store(settings.database_url, migrate=True)
+    host = build_plugin_manager(settings)
+    spool = Spool(settings)
+    store.record_instances([spool.ingest_file(path) for path in series.files])
+    try:
+        share = tmp_path / "share"  # not mounted: the job fails with its dead letters
+        loaded = load_workflow_text(SHARED % {"share": share}, "to-share.yaml", host.steps)
+        job = create_job_for(
+            store,
+            settings,
+            loaded,
+            scope="series",
+            study_uid=series.study_instance_uid,
+            series_uid=series.series_instance_uid,
+            input_series=[series.series_instance_uid],
+            key_series=[series.series_instance_uid],
+        )
+        run_job(settings, store, host, job.id)
+        assert store.get_job(job.id).status == "fail"
+        rerun = rtauto("rerun", job.id[:8], "--home", home)
+        assert rerun.returncode == 0, rerun.stderr
+        newer = rerun.stdout.split()[1].rstrip(":")
+
+        refused = rtauto("resume", job.id[:8], "--home", home)
+        assert refused.returncode == 1
+        assert (
+            f"rtauto resume: job {newer} of workflow to-share, made by rtauto rerun, replaced "
+            f"job {job.id[:8]} on its series" in refused.stderr
+        )
+        assert f"`rtauto resume {newer}` or `rtauto replay {newer}`" in refused.stderr
+        assert store.get_job(job.id).status == "fail"
+        assert store.delivery_failed_jobs(with_dead_letters=True) == []
+    finally:
+        store.close()
+
+
 def test_a_configured_destination_with_a_typo_is_refused_by_validate_and_serve(
     tmp_path: Path,
 ) -> None:

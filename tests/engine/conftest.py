@@ -1,5 +1,6 @@
 """The engine tests' fixture: a job store holding a CT series, and a site plugin of steps
-that count their runs, fail, sleep or write reports, run by real worker processes."""
+that count their runs, fail, sleep or write reports, run by real worker processes, and of a
+destination type that is down, up, hangs or crashes as a file says."""
 
 from __future__ import annotations
 
@@ -22,12 +23,13 @@ from rtauto.workflow import load_workflow_text
 STEPS_MODULE = '''
 """Steps for the engine tests. VERSION is rewritten by the upgrade test."""
 import json
+import os
 import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from rtauto import StepFailed, StepResult, StepRetry, StepType, hookimpl
+from rtauto import DestinationType, StepFailed, StepResult, StepRetry, StepType, hookimpl
 
 VERSION = 1
 
@@ -91,6 +93,28 @@ def outside(ctx, params):
     stray = ctx.job_dir / "stray.txt"  # not in the step's workdir
     stray.write_text("x")
     ctx.add_artifact(stray, kind="report-txt")
+
+
+class GateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    gate: Path  # says what the destination does now: down (or missing), up, hang or crash
+
+
+def gate_send(config, files):
+    state = config.gate.read_text().strip() if config.gate.exists() else "down"
+    if state == "hang":  # a hard-mounted share whose server is gone
+        time.sleep(3600)
+    if state == "crash":  # a native extension that takes its process down
+        os._exit(3)
+    if state != "up":
+        raise StepRetry("the destination is down")
+    with open(config.gate.with_name("received.txt"), "a") as received:
+        received.writelines(f"{Path(path).name}\\n" for path in files)
+
+
+@hookimpl
+def rtauto_register_destinations(register):
+    register(DestinationType(name="t.gate", config=GateConfig, send=gate_send))
 
 
 @hookimpl

@@ -363,3 +363,24 @@ def test_a_step_an_error_of_the_store_left_running_runs_again(env, monkeypatch, 
     wait_until(done, timeout=120, interval=0.1)
     assert int((Path(env.store.get_job(job.id).work_dir) / "a.count").read_text()) == 1
     assert "was left running with nothing running it" in caplog.text
+
+
+def test_no_step_of_a_held_job_starts_until_it_is_released(env):
+    # the daemon holds a failed job while it sends its dead letters: a resume at that moment
+    # must not have its routing step send them too
+    text = """
+        name: held
+        trigger: {modality: CT}
+        steps:
+          - {id: a, uses: t.emit}
+        """
+    held, other = env.job(text), env.job(text.replace("name: held", "name: other"))
+    engine = env.engine()
+    with engine.holding(held.id):
+        engine.run_until_done([other.id])  # the engine runs the other jobs meanwhile
+        assert engine.tick() == 0
+        assert env.store.get_job(held.id).status == "pending"
+        assert steps_of(env, held.id)["a"].attempts == 0
+    engine.run_until_done([held.id])
+    assert env.store.get_job(held.id).status == "ok"
+    assert steps_of(env, held.id)["a"].attempts == 1

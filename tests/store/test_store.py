@@ -132,8 +132,12 @@ def exercise(store: Store, tmp_path: Path) -> None:
     assert {s.status for s in store.steps_of(waiting.id)} == {"skipped"}
 
     # jobs that failed only for want of delivery: each failed step left dead letters
-    def failed_job(key: str, dead: bool) -> str:
-        made = store.create_job(**{**kwargs, "dedupe_key": key})
+    def failed_job(key: str, dead: bool, series: str | None = None) -> str:
+        # each on its own series: a newer job of the workflow on the same one replaces it
+        series = series or f"1.2.3.{key}"
+        made = store.create_job(
+            **{**kwargs, "dedupe_key": key, "series_uid": series, "input_series": [series]}
+        )
         store.finish_step(made.id, "a", status="ok")
         store.update_step(made.id, "b", attempts=3)
         store.finish_step(made.id, "b", status="fail", error="tps: cannot connect")
@@ -150,15 +154,60 @@ def exercise(store: Store, tmp_path: Path) -> None:
     # background
     half_sent = failed_job("wf:half-sent", dead=True)
     store.delivery(half_sent, "b", "1.2.3.5", "y.dcm", "tps")
+    # a step that failed after it had delivered its items (on something else) gave up
+    # delivering nothing: not retried either
+    after_delivery = failed_job("wf:after-delivery", dead=False)
+    row = store.delivery(after_delivery, "b", "1.2.3.4", "x.dcm", "tps")
+    store.update_delivery(row.id, status="delivered", delivered_at=time.time() - 60)
     assert store.delivery_failed_jobs() == [undelivered]
     assert store.delivery_failed_jobs(with_dead_letters=True) == [undelivered]
     assert store.delivery_failed_jobs(ended_after=time.time() + 60) == []
+    assert store.delivery_failed_jobs(ended_before=time.time() - 60) == []
     # its dead letters delivered since (a replay): no longer waiting, still to be resumed
     redelivered = failed_job("wf:redelivered", dead=True)
     for row in store.deliveries_of(redelivered):
-        store.update_delivery(row.id, status="delivered")
+        store.update_delivery(row.id, status="delivered", delivered_at=time.time())
     assert store.delivery_failed_jobs() == [undelivered, redelivered]
     assert store.delivery_failed_jobs(with_dead_letters=True) == [undelivered]
+    # delivered by the same step to another destination (rtauto replay --to): no dead letter
+    # is left, though the record at the destination that gave up stays dead
+    elsewhere = failed_job("wf:elsewhere", dead=True)
+    row = store.delivery(elsewhere, "b", "1.2.3.4", "x.dcm", "folder:/backup")
+    store.update_delivery(row.id, status="delivered", delivered_at=time.time())
+    assert store.delivery_failed_jobs() == [undelivered, redelivered, elsewhere]
+    assert store.delivery_failed_jobs(with_dead_letters=True) == [undelivered]
+    assert store.dead_letters_of(elsewhere) == []
+    assert [d.item_key for d in store.dead_letters_of(undelivered)] == ["1.2.3.4"]
+
+    # a newer job of the workflow on the same series replaced a job (the series grew, or
+    # rtauto rerun): its dead letters are not retried, nor is it awaiting redelivery
+    grown = failed_job("wf:grown-from", dead=True, series="1.2.3.40")
+    assert store.replacing_job(grown) is None
+    failed_job("run:4567", dead=False, series="1.2.3.40")  # rtauto run's replaces nothing
+    other = store.create_job(
+        **{**kwargs, "dedupe_key": "other", "workflow_name": "other", "series_uid": "1.2.3.40"}
+    )  # another workflow's replaces nothing
+    assert grown in store.delivery_failed_jobs(with_dead_letters=True)
+    newer = store.create_job(**{**kwargs, "dedupe_key": "grown:1", "series_uid": "1.2.3.40"})
+    assert grown not in store.delivery_failed_jobs()
+    assert grown not in store.delivery_failed_jobs(with_dead_letters=True)
+    assert store.replacing_job(grown).id == newer.id
+    assert store.replacing_job(newer.id) is None and store.replacing_job(other.id) is None
+    rerun = store.create_job(**{**kwargs, "dedupe_key": "rerun:1", "series_uid": "1.2.3.40"})
+    assert store.replacing_job(grown).id == rerun.id  # the newest
+    # study scope: a newer job of the workflow on the same study, whatever its series
+    study_kwargs = {**kwargs, "scope": "study", "series_uid": None, "study_uid": "1.2.8"}
+    study_job = store.create_job(**{**study_kwargs, "dedupe_key": "study:1"})
+    store.create_job(**{**study_kwargs, "dedupe_key": "study:other", "study_uid": "1.2.7"})
+    assert store.replacing_job(study_job.id) is None
+    study_newer = store.create_job(**{**study_kwargs, "dedupe_key": "grown:2"})
+    assert store.replacing_job(study_job.id).id == study_newer.id
+
+    # the instances still indexed of those a job read
+    assert store.held_instances(["1.2.3.4", "1.2.3.5", "1.2.3.4", "9.9.9"]) == {
+        "1.2.3.4",
+        "1.2.3.5",
+    }
 
     # resumed once, however many ask at once: the update holds only while it is failed
     barrier = threading.Barrier(4)
@@ -177,7 +226,7 @@ def exercise(store: Store, tmp_path: Path) -> None:
     assert event.data["steps"] == ["b"] and event.data["earlier_error"] == "step b failed"
     assert event.data["earlier_steps"]["b"]["attempts"] == 3
     assert event.message == f"resumed by {event.data['by']}: test; step(s) run again: b (fail)"
-    assert store.delivery_failed_jobs() == [redelivered]
+    assert store.delivery_failed_jobs() == [redelivered, elsewhere]
     assert not store.resume_job(job.id, ["a"], by="operator", reason="not failed")
 
     # a series is marked complete only as the caller saw it

@@ -3,7 +3,8 @@
 The daemon talks to a worker over a pipe: it sends a task (a JSON-able dict), the worker
 answers with the step's result. A fresh worker builds its own plugin manager, so a plugin or
 model upgraded on disk is used by the next worker; the pool recycles workers when the
-installed plugins change.
+installed plugins change. A task of kind ``dead_letters`` sends one job's dead letters again
+(the daemon's background retry, :mod:`rtauto.route.dead_letters`) instead of running a step.
 """
 
 from __future__ import annotations
@@ -184,6 +185,23 @@ def run_task(host: Any, task: Mapping[str, Any]) -> dict[str, Any]:
         handler.close()
 
 
+def send_dead_letters_task(host: Any, settings: Any, task: Mapping[str, Any]) -> dict[str, Any]:
+    """Send the dead letters of job ``task["job_id"]`` again, with the store at
+    ``task["store_url"]`` (:func:`rtauto.route.replay.send_dead_letters`); the result holds
+    what happened to each item as plain data. Here, a destination's ``send`` that hangs is
+    killed with its worker past the retry's time limit, and one that crashes takes no daemon
+    down."""
+    from rtauto.route.replay import send_dead_letters
+    from rtauto.store import Store
+
+    store = Store(task["store_url"])
+    try:
+        results = send_dead_letters(store, settings, host, task["job_id"])
+    finally:
+        store.close()
+    return {"status": "ok", "error": None, "results": [r.to_json() for r in results]}
+
+
 def _plain(value: Any, where: str) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
@@ -271,7 +289,10 @@ def worker_main(conn: Connection, settings_json: dict[str, Any], warm: list[str]
         if task is None:
             return
         try:
-            result = run_task(host, task)
+            if task.get("kind") == "dead_letters":
+                result = send_dead_letters_task(host, settings, task)
+            else:
+                result = run_task(host, task)
         except BaseException as exc:  # keep the worker answering whatever a plugin does
             result = {
                 "status": "fail",

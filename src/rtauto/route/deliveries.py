@@ -131,17 +131,15 @@ class DeliveryLedger:
         self.step_id = step_id
         self._ids: dict[tuple[str, str], int] = {}
 
-    def delivered_to(self, destinations: Iterable[str]) -> dict[str, str]:
-        """Item key -> destination, for items this step already delivered to one of them."""
+    def delivered_to(self) -> dict[str, str]:
+        """Item key -> destination, for items this step already delivered anywhere: to a
+        destination of its chain, or to another that ``rtauto replay --to`` sent them to."""
         if self.store is None:
             return {}
-        names = set(destinations)
         return {
             row.item_key: row.destination
             for row in self.store.deliveries_of(self.job_id)
-            if row.step_id == self.step_id
-            and row.status == "delivered"
-            and row.destination in names
+            if row.step_id == self.step_id and row.status == "delivered"
         }
 
     def start(self, items: Sequence[DeliveryItem], destination: str) -> None:
@@ -247,7 +245,8 @@ def deliver(
 ) -> dict[str, Any]:
     """Deliver ``items`` to ``chain[0]``, falling back to the alternates ``chain[1:]``.
 
-    Items this step already delivered to any destination of the chain are skipped. A
+    Items this step already delivered to any destination (see
+    :meth:`DeliveryLedger.delivered_to`) are skipped. A
     transient failure of the primary raises :class:`StepRetry` unless ``final_attempt``; on
     the final attempt, or after a permanent refusal, the alternates are tried in order with
     what is still undelivered. When all fail the records go to the dead-letter list and
@@ -257,7 +256,7 @@ def deliver(
     """
     logger = logger or log
     primary = chain[0]
-    done = ledger.delivered_to(d.name for d in chain)
+    done = ledger.delivered_to()
     already = [item for item in items if item.key in done]
     pending = [item for item in items if item.key not in done]
     if not pending:

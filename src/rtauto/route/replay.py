@@ -99,13 +99,15 @@ def replay_job(
 
 def send_dead_letters(store: Any, settings: Any, host: Any, job_id: str) -> list[ReplayResult]:
     """Send the job's dead letters again, each to the destination that gave up on it, with
-    the destinations the job's steps saw. An item that arrives is marked delivered; the
-    others stay dead, with this attempt's error (``retry: ...``). Nothing is audited here:
-    the daemon's background retry audits what it delivered."""
+    the destinations the job's steps saw; an item the same step delivered to another
+    destination (``rtauto replay --to``) is no dead letter (:meth:`Store.dead_letters_of`).
+    An item that arrives is marked delivered; the others stay dead, with this attempt's
+    error (``retry: ...``). Nothing is audited here: the daemon's background retry audits
+    what it delivered."""
     job = store.get_job(job_id)
     if job is None:
         raise RtautoError(f"no job {job_id!r} in the store")
-    rows = [row for row in store.deliveries_of(job.id) if row.status == "dead"]
+    rows = store.dead_letters_of(job.id)
     destinations = job_destinations(settings, job.workflow_text)
     home = Path(settings.home) if getattr(settings, "home", None) is not None else None
     return _send_again(store, job.id, rows, None, destinations, host, home, "retry")

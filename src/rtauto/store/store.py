@@ -17,10 +17,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, delete, event, exists, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Exists,
+    create_engine,
+    delete,
+    event,
+    exists,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
+from sqlalchemy.orm.util import AliasedClass
 
 from rtauto.errors import StoreError
 from rtauto.store.models import (
@@ -35,7 +46,7 @@ from rtauto.store.models import (
     WatchedFile,
 )
 
-__all__ = ["InstanceRecord", "Store", "TERMINAL_STEP_STATES"]
+__all__ = ["InstanceRecord", "Store", "TERMINAL_STEP_STATES", "delivered_elsewhere"]
 
 TERMINAL_STEP_STATES = frozenset({"ok", "fail", "skipped"})
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -60,6 +71,43 @@ class InstanceRecord:
     # series-level attributes workflows may trigger on (SeriesDescription, BodyPartExamined...)
     attributes: dict[str, Any] = field(default_factory=dict)
     received_at: float = field(default_factory=time.time)
+
+
+def delivered_elsewhere(record: type[Delivery] | AliasedClass[Delivery]) -> Exists:
+    """EXISTS: the item of the delivery record ``record`` (the :class:`Delivery` entity or an
+    alias of it in the enclosing query) was delivered by the same step of the same job to some
+    destination (its own, an alternate, or another that ``rtauto replay --to`` sent it to).
+    Such an item counts as delivered: ``~delivered_elsewhere(Delivery)`` beside
+    ``Delivery.status == "dead"`` selects the dead letters still waiting."""
+    arrived = aliased(Delivery)
+    return (
+        select(arrived.id)
+        .where(
+            arrived.job_id == record.job_id,
+            arrived.step_id == record.step_id,
+            arrived.item_key == record.item_key,
+            arrived.status == "delivered",
+        )
+        .exists()
+    )
+
+
+def _replaces(newer: AliasedClass[Job], job: type[Job] | AliasedClass[Job]) -> ColumnElement[bool]:
+    """Whether ``newer`` took over the work of ``job``: a later job of the same workflow on
+    the same series (series scope) or study (study scope), made when it grew (the
+    assembler's ``series.grown`` / ``study.grown``) or by ``rtauto rerun``. Jobs of ``rtauto
+    run`` and ``batch`` replace none (they run on their own input files)."""
+    return (
+        (newer.workflow_name == job.workflow_name)
+        & (newer.scope == job.scope)
+        & (newer.created_at > job.created_at)
+        & newer.dedupe_key.not_like("run:%")
+        & newer.dedupe_key.not_like("batch:%")
+        & (
+            ((job.scope == "series") & (newer.series_uid == job.series_uid))
+            | ((job.scope == "study") & (newer.study_uid == job.study_uid))
+        )
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -716,26 +764,38 @@ class Store:
         return True
 
     def delivery_failed_jobs(
-        self, ended_after: float = 0.0, *, with_dead_letters: bool = False
+        self,
+        ended_after: float = 0.0,
+        *,
+        ended_before: float | None = None,
+        with_dead_letters: bool = False,
     ) -> list[str]:
-        """Ids of the jobs, oldest first, that ended FAIL after ``ended_after`` only for want
-        of delivery: each failed step gave up delivering (its items went to the dead-letter
-        list: its records are dead, or delivered since, by the daemon's retry or a replay;
-        none was left half sent). A step that failed on bad data recorded no delivery, and
-        would fail again. ``with_dead_letters``: only jobs with dead letters still. Jobs of
-        ``rtauto run`` and ``rtauto batch`` are left out: no daemon runs them."""
+        """Ids of the jobs, oldest first, that ended FAIL after ``ended_after`` (and before
+        ``ended_before``) only for want of delivery: each failed step gave up delivering (it
+        left dead letters, still dead or delivered since it ended, by the daemon's retry or a
+        replay; none was left half sent). A step that failed on bad data, or after its items
+        were delivered, left none, and would fail again. ``with_dead_letters``: only jobs
+        with dead letters still (an item the same step delivered elsewhere is none).
 
-        def records_of_step(*statuses: str) -> Any:
-            return exists().where(
-                Delivery.job_id == StepRun.job_id,
-                Delivery.step_id == StepRun.step_id,
-                Delivery.status.in_(statuses),
-            )
-
-        failed_otherwise = select(StepRun.job_id).where(
-            StepRun.status == "fail",
-            ~records_of_step("dead", "delivered") | records_of_step("pending", "sending"),
+        Left out: a job that a newer job of its workflow replaced on its series or study
+        (made when it grew, or by ``rtauto rerun``: its results were made on what is no
+        longer the whole data), and jobs of ``rtauto run`` and ``rtauto batch`` (no daemon
+        runs them)."""
+        gave_up = exists().where(
+            Delivery.job_id == StepRun.job_id,
+            Delivery.step_id == StepRun.step_id,
+            (Delivery.status == "dead")
+            | ((Delivery.status == "delivered") & (Delivery.delivered_at > StepRun.finished_at)),
         )
+        half_sent = exists().where(
+            Delivery.job_id == StepRun.job_id,
+            Delivery.step_id == StepRun.step_id,
+            Delivery.status.in_(["pending", "sending"]),
+        )
+        failed_otherwise = select(StepRun.job_id).where(
+            StepRun.status == "fail", ~gave_up | half_sent
+        )
+        newer = aliased(Job)
         query = select(Job.id).where(
             Job.status == "fail",
             Job.finished_at >= ended_after,
@@ -743,12 +803,41 @@ class Store:
             Job.id.not_in(failed_otherwise),
             Job.dedupe_key.not_like("run:%"),
             Job.dedupe_key.not_like("batch:%"),
+            ~select(newer.id).where(_replaces(newer, Job)).exists(),
         )
+        if ended_before is not None:
+            query = query.where(Job.finished_at < ended_before)
         if with_dead_letters:
-            dead = select(Delivery.job_id).where(Delivery.status == "dead")
+            dead = select(Delivery.job_id).where(
+                Delivery.status == "dead", ~delivered_elsewhere(Delivery)
+            )
             query = query.where(Job.id.in_(dead))
         with self.session() as s:
             return list(s.scalars(query.order_by(Job.finished_at)))
+
+    def replacing_job(self, job_id: str) -> Job | None:
+        """The newest job that took over the work of job ``job_id``: of its workflow, on its
+        series (or study, for a study workflow), made after it when the series grew or by
+        ``rtauto rerun``; None when no job did."""
+        newer = aliased(Job)
+        with self.session() as s:
+            return s.scalar(
+                select(newer)
+                .join(Job, _replaces(newer, Job))
+                .where(Job.id == job_id)
+                .order_by(newer.created_at.desc())
+                .limit(1)
+            )
+
+    def held_instances(self, sop_uids: Iterable[str]) -> set[str]:
+        """Those of ``sop_uids`` that the store still indexes (retention removes the rest)."""
+        wanted = list(dict.fromkeys(sop_uids))
+        held: set[str] = set()
+        with self.session() as s:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                held.update(s.scalars(select(Instance.sop_uid).where(Instance.sop_uid.in_(chunk))))
+        return held
 
     def job_ids_of_series(self, workflow_name: str, series_uid: str) -> list[str]:
         """The ids of one workflow's jobs on one series, oldest first (ids only: no JSON
@@ -912,6 +1001,23 @@ class Store:
         with self.session() as s:
             return list(
                 s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id))
+            )
+
+    def dead_letters_of(self, job_id: str) -> list[Delivery]:
+        """The job's dead letters still waiting: its dead records, less those whose item
+        the same step delivered to another destination (an alternate, or ``rtauto replay
+        --to``)."""
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(Delivery)
+                    .where(
+                        Delivery.job_id == job_id,
+                        Delivery.status == "dead",
+                        ~delivered_elsewhere(Delivery),
+                    )
+                    .order_by(Delivery.id)
+                )
             )
 
     def dead_letters(self) -> list[Delivery]:
