@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.orm import aliased
 
 from rtauto.config import RetentionSettings, Settings
 from rtauto.errors import RtautoError
@@ -62,6 +61,7 @@ from rtauto.store.models import (
     Series,
     StepRun,
 )
+from rtauto.store.store import delivered_elsewhere
 
 __all__ = ["PurgeReport", "PurgeRunning", "purge"]
 
@@ -456,20 +456,9 @@ def _busy_studies(session: Any) -> set[str]:
 def _undelivered_jobs() -> Any:
     """The ids of jobs with a routed item that reached none of its step's destinations (one
     an alternate took after the primary failed is delivered)."""
-    arrived = aliased(Delivery)
-    delivered_elsewhere = (
-        select(arrived.id)
-        .where(
-            arrived.job_id == Delivery.job_id,
-            arrived.step_id == Delivery.step_id,
-            arrived.item_key == Delivery.item_key,
-            arrived.status == "delivered",
-        )
-        .exists()
-    )
     return (
         select(Delivery.job_id)
-        .where(Delivery.status != "delivered", ~delivered_elsewhere)
+        .where(Delivery.status != "delivered", ~delivered_elsewhere(Delivery))
         .distinct()
     )
 
