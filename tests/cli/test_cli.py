@@ -8,6 +8,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import typer
 from typer.testing import CliRunner
@@ -17,6 +18,8 @@ from rtauto.cli import add_plugin_commands
 from rtauto.config import Settings
 from rtauto.engine.engine import Engine
 from rtauto.hooks import build_plugin_manager
+from rtauto.ingest.assembler import create_job_for
+from rtauto.ingest.spool import Spool
 from rtauto.store import Store
 from rtauto.testing import ReceivingSCP, write_ct_series
 
@@ -261,6 +264,29 @@ def test_plugins_add_commands_through_rtauto_add_commands():
     assert result.exit_code == 0 and "hello dosimetry" in result.output
 
 
+def daemon_home(tmp_path: Path) -> tuple[Settings, Store, Any, Spool]:
+    """A home as the daemon keeps it: settings, job store, plugin host and spool."""
+    settings = Settings(home=tmp_path / "home")
+    settings.ensure_dirs()
+    store = Store(settings.database_url, migrate=True)
+    return settings, store, build_plugin_manager(settings), Spool(settings)
+
+
+def daemon_job(store: Store, settings: Settings, loaded: Any, series: Any, **kwargs: Any) -> Any:
+    """The job of a series-scoped workflow on ``series``, as the daemon's assembler makes it."""
+    return create_job_for(
+        store,
+        settings,
+        loaded,
+        scope="series",
+        study_uid=series.study_instance_uid,
+        series_uid=series.series_instance_uid,
+        input_series=[series.series_instance_uid],
+        key_series=[series.series_instance_uid],
+        **kwargs,
+    )
+
+
 def run_job(settings: Settings, store: Store, host, job_id: str) -> None:
     """Run one job to its end with the engine the daemon uses."""
     engine = Engine(settings, store, host)
@@ -284,16 +310,10 @@ def test_rerun_runs_a_job_again_on_what_its_series_hold_now_and_replay_points_to
 ) -> None:
     import pydicom
 
-    from rtauto.ingest.assembler import create_job_for
-    from rtauto.ingest.spool import Spool
     from rtauto.workflow import load_workflow_text
 
     series = write_ct_series(tmp_path / "ct", rows=32, cols=32, slices=5)
-    settings = Settings(home=tmp_path / "home")
-    settings.ensure_dirs()
-    store = Store(settings.database_url, migrate=True)
-    host = build_plugin_manager(settings)
-    spool = Spool(settings)
+    settings, store, host, spool = daemon_home(tmp_path)
 
     def receive(files: list[Path]) -> list[str]:
         records = [spool.ingest_file(path) for path in files]
@@ -309,17 +329,7 @@ def test_rerun_runs_a_job_again_on_what_its_series_hold_now_and_replay_points_to
             host.steps,
         )
         first = receive(series.files[:3])
-        partial = create_job_for(
-            store,
-            settings,
-            loaded,
-            scope="series",
-            study_uid=series.study_instance_uid,
-            series_uid=series.series_instance_uid,
-            input_series=[series.series_instance_uid],
-            key_series=[series.series_instance_uid],
-            input_instances=first,
-        )
+        partial = daemon_job(store, settings, loaded, series, input_instances=first)
         assert rtauto("rerun", partial.id[:8], "--home", str(settings.home)).returncode == 1
         run_job(settings, store, host, partial.id)
         receive(series.files[3:])  # the rest of the series arrives later
@@ -377,32 +387,17 @@ destinations:
 def test_resume_runs_a_failed_jobs_failed_and_skipped_steps_and_replay_points_to_it(
     tmp_path: Path,
 ) -> None:
-    from rtauto.ingest.assembler import create_job_for
-    from rtauto.ingest.spool import Spool
     from rtauto.workflow import load_workflow_text
 
     series = write_ct_series(tmp_path / "ct", rows=16, cols=16, slices=3)
     share = tmp_path / "share"  # a share not mounted: the folder is missing
-    settings = Settings(home=tmp_path / "home")
-    settings.ensure_dirs()
+    settings, store, host, spool = daemon_home(tmp_path)
     home = str(settings.home)
-    store = Store(settings.database_url, migrate=True)
-    host = build_plugin_manager(settings)
-    spool = Spool(settings)
     store.record_instances([spool.ingest_file(path) for path in series.files])
 
     try:
         loaded = load_workflow_text(SHARED % {"share": share}, "to-share.yaml", host.steps)
-        job = create_job_for(  # as the daemon's assembler makes it
-            store,
-            settings,
-            loaded,
-            scope="series",
-            study_uid=series.study_instance_uid,
-            series_uid=series.series_instance_uid,
-            input_series=[series.series_instance_uid],
-            key_series=[series.series_instance_uid],
-        )
+        job = daemon_job(store, settings, loaded, series)
         pending = rtauto("resume", job.id[:8], "--home", home)
         assert pending.returncode == 1
         assert f"job {job.id[:8]} is still pending: only a failed job is resumed" in (
@@ -459,31 +454,16 @@ def test_resume_runs_a_failed_jobs_failed_and_skipped_steps_and_replay_points_to
 def test_resume_refuses_a_job_that_rtauto_rerun_replaced_and_names_the_newer_job(
     tmp_path: Path,
 ) -> None:
-    from rtauto.ingest.assembler import create_job_for
-    from rtauto.ingest.spool import Spool
     from rtauto.workflow import load_workflow_text
 
     series = write_ct_series(tmp_path / "ct", rows=16, cols=16, slices=3)
-    settings = Settings(home=tmp_path / "home")
-    settings.ensure_dirs()
+    settings, store, host, spool = daemon_home(tmp_path)
     home = str(settings.home)
-    store = Store(settings.database_url, migrate=True)
-    host = build_plugin_manager(settings)
-    spool = Spool(settings)
     store.record_instances([spool.ingest_file(path) for path in series.files])
     try:
         share = tmp_path / "share"  # not mounted: the job fails with its dead letters
         loaded = load_workflow_text(SHARED % {"share": share}, "to-share.yaml", host.steps)
-        job = create_job_for(
-            store,
-            settings,
-            loaded,
-            scope="series",
-            study_uid=series.study_instance_uid,
-            series_uid=series.series_instance_uid,
-            input_series=[series.series_instance_uid],
-            key_series=[series.series_instance_uid],
-        )
+        job = daemon_job(store, settings, loaded, series)
         run_job(settings, store, host, job.id)
         assert store.get_job(job.id).status == "fail"
         rerun = rtauto("rerun", job.id[:8], "--home", home)
