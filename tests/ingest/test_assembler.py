@@ -217,13 +217,19 @@ def forget(s: Site, series: str) -> None:
     _forget_instances(s.store, series, [i.sop_uid for i in s.store.instances_of_series(series)])
 
 
-def test_a_series_emptied_by_retention_counts_for_no_trigger(site):
-    s = site(STUDY_WORKFLOW)
+def planned_study(s: Site) -> tuple[str, str]:
+    """A CT and its plan, run once by the study workflow, the study then complete."""
     ct, plan = new_uid(), new_uid()
     s.receive(ct, "CT", 3, T0)
     s.receive(plan, "RTPLAN", 1, T0 + 1)
     assert len(s.assembler.tick(T0 + 10)) == 1
     assert s.assembler.tick(T0 + 100) == []  # the study is quiet: complete
+    return ct, plan
+
+
+def test_a_series_emptied_by_retention_counts_for_no_trigger(site):
+    s = site(STUDY_WORKFLOW)
+    ct, plan = planned_study(s)
     forget(s, ct)
     forget(s, plan)
     # months later a new plan in the study: its CT is gone, so no job on a CT of 0 slices
@@ -265,11 +271,7 @@ def test_a_series_sent_in_part_after_retention_does_not_run_on_that_part(site, c
 
 def test_a_study_sent_in_part_after_retention_is_reported_once(site):
     s = site(STUDY_WORKFLOW)
-    ct, plan = new_uid(), new_uid()
-    s.receive(ct, "CT", 3, T0)
-    s.receive(plan, "RTPLAN", 1, T0 + 1)
-    assert len(s.assembler.tick(T0 + 10)) == 1
-    assert s.assembler.tick(T0 + 100) == []  # the study is quiet: complete
+    ct, plan = planned_study(s)
     forget(s, ct)
     s.receive(ct, "CT", 1, T0 + 1000)  # one new slice of the emptied CT
     for second in range(1006, 1040):  # the study stays pending until it is quiet
